@@ -1,0 +1,55 @@
+import type { TaskType } from "../tasks/task-types.js";
+
+/**
+ * An entry in the queue. Higher `priority` first; equal priorities by
+ * ascending `seq` (first in, first out). `seq` is allocated once by the queue
+ * at creation and reused when a task goes back, so it keeps its place.
+ */
+export interface QueueEntry {
+  taskId: string;
+  taskType: TaskType;
+  priority: number;
+  seq: number;
+}
+
+export interface QueueDepth {
+  total: number;
+  /** Priority (0–10) → count; priorities with no entry are left out. */
+  byPriority: Record<number, number>;
+}
+
+/**
+ * The index of runnable work. It can always be rebuilt from the database,
+ * which stays the source of truth. Both implementations (in-process and Redis)
+ * pass the same contract suite.
+ */
+export interface PriorityQueue {
+  /** Next place in line. Strictly increasing across every producer sharing the queue. */
+  allocateSeq(): Promise<number>;
+  /** Adds an entry; adding a task already queued is a no-op. */
+  enqueue(entry: QueueEntry): Promise<void>;
+  /**
+   * Atomically removes and returns the best entry (highest priority, then
+   * lowest seq) whose type is in `types`, or null. One call picks across all
+   * the given types, so two consumers never receive the same entry.
+   */
+  claim(types: readonly TaskType[]): Promise<QueueEntry | null>;
+  /** Removes a task (e.g. cancelled while pending). Returns whether it was queued. */
+  remove(taskId: string, taskType: TaskType): Promise<boolean>;
+  depth(): Promise<QueueDepth>;
+  /**
+   * Re-adds the given entries that are missing (no-op for present ones) and
+   * makes sure future seqs are above `minSeq`. Used at start-up to rebuild the
+   * index from the database.
+   */
+  reconcile(entries: readonly QueueEntry[], minSeq: number): Promise<void>;
+  /** Throws when the backend cannot be reached. */
+  ping(): Promise<void>;
+  /**
+   * Subscribes to "work may be available" signals, including those raised by
+   * other instances sharing the queue. Returns an unsubscribe function.
+   */
+  onAvailable(listener: (taskType: TaskType) => void): () => void;
+  /** Safe to call twice. */
+  close(): Promise<void>;
+}
