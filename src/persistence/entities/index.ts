@@ -1,0 +1,12 @@
+import { AgentCommunication } from "./agent-communication.entity.js";
+import { Agent } from "./agent.entity.js";
+import { AuditLog } from "./audit-log.entity.js";
+import { ConsciousnessSnapshot } from "./consciousness-snapshot.entity.js";
+import { ReasoningChain } from "./reasoning-chain.entity.js";
+import { SystemMetric } from "./system-metric.entity.js";
+import { Task } from "./task.entity.js";
+
+export { AgentCommunication, Agent, AuditLog, ConsciousnessSnapshot, ReasoningChain, SystemMetric, Task };
+
+/** Every entity, one per seed table; the ORM is configured with exactly these. */
+export const ENTITIES = [Task, Agent, ReasoningChain, ConsciousnessSnapshot, AuditLog, AgentCommunication, SystemMetric];

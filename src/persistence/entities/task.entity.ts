@@ -1,0 +1,44 @@
+import { defineEntity, p } from "@mikro-orm/core";
+
+/**
+ * `tasks`: the seed's columns (task_id … updated_at) plus the lease and result
+ * fields the orchestrator needs. JSON lives in text columns so SQLite and
+ * PostgreSQL store and compare it the same way.
+ */
+export const TaskSchema = defineEntity({
+  name: "Task",
+  tableName: "tasks",
+  properties: {
+    taskId: p.string().length(36).primary(),
+    taskType: p.string().length(50),
+    description: p.text(),
+    priority: p.integer().default(5),
+    status: p.string().length(20).default("pending"),
+    metadataJson: p.text().nullable(),
+    agentId: p.string().length(128).nullable(),
+    attempt: p.integer().default(0),
+    maxAttempts: p.integer().default(3),
+    resultJson: p.text().nullable(),
+    error: p.text().nullable(),
+    correlationId: p.string().length(128),
+    // Place in line, fixed at creation so a requeued task keeps its position.
+    seq: p.bigint("number").index("tasks_seq_index"),
+    createdAt: p.datetime(3),
+    updatedAt: p.datetime(3),
+    assignedAt: p.datetime(3).nullable(),
+    completedAt: p.datetime(3).nullable(),
+  },
+  indexes: [
+    {
+      name: "tasks_runnable_index",
+      columns: [{ name: "status" }, { name: "priority", sort: "DESC" }, { name: "seq" }],
+    },
+    {
+      name: "tasks_listing_index",
+      columns: [{ name: "created_at", sort: "DESC" }, { name: "task_id" }],
+    },
+  ],
+});
+
+export class Task extends TaskSchema.class {}
+TaskSchema.setClass(Task);

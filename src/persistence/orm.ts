@@ -1,0 +1,183 @@
+import { mkdir } from "node:fs/promises";
+import path from "node:path";
+import { MikroORM, type Options } from "@mikro-orm/core";
+import { Migrator } from "@mikro-orm/migrations";
+import { PostgreSqlDriver } from "@mikro-orm/postgresql";
+import { NodeSqliteDialect, SqliteDriver, type EntityManager } from "@mikro-orm/sql";
+import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
+import { createAgentRepository } from "./agent-repository.js";
+import { ENTITIES } from "./entities/index.js";
+import { Migration20260101000000Initial as PostgresInitial } from "./migrations/postgresql/Migration20260101000000Initial.js";
+import { Migration20260101000000Initial as SqliteInitial } from "./migrations/sqlite/Migration20260101000000Initial.js";
+import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
+import { createTaskRepository } from "./task-repository.js";
+
+/** Migrations per dialect, imported (not globbed) so they load the same from src/, dist/ and vitest. */
+const MIGRATIONS = {
+  sqlite: [SqliteInitial],
+  postgresql: [PostgresInitial],
+} as const;
+
+/** How long to wait for a PostgreSQL connection before calling the database unreachable. */
+const CONNECT_TIMEOUT_MS = 5_000;
+
+export type Dialect = "sqlite" | "postgresql";
+
+/** The subset of a pino logger the persistence layer writes to. */
+export interface PersistenceLogger {
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+}
+
+export interface PersistenceOptions {
+  /** `sqlite:<file>` (parent directory created), `sqlite::memory:`, or `postgresql://…` / `postgres://…`. */
+  url: string;
+  /** PostgreSQL only: schema to create (if missing) and use for every table; tests isolate with it. */
+  schema?: string;
+  log?: PersistenceLogger;
+}
+
+/** The database behind the repositories. Owns one ORM instance and its connections. */
+export interface Persistence {
+  readonly dialect: Dialect;
+  readonly tasks: TaskRepository;
+  readonly agents: AgentRepository;
+  /** Resolves when the database answers a trivial query; throws when it is unreachable. */
+  ping(): Promise<void>;
+  /** Closes the connections; safe to call twice. */
+  close(): Promise<void>;
+}
+
+type Target =
+  | { dialect: "sqlite"; file: string }
+  | { dialect: "postgresql"; url: string };
+
+/** The URL with any password replaced, fit for logs and error messages. */
+export function redactUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.password) parsed.password = "***";
+    return parsed.toString();
+  } catch {
+    return url.replace(/\/\/([^:/@]*):[^@/]*@/, "//$1:***@");
+  }
+}
+
+function parseUrl(url: string): Target {
+  if (url.startsWith("sqlite:")) {
+    let file = url.slice("sqlite:".length);
+    // Accept the URL-ish `sqlite:///abs/path.db` and `sqlite://rel.db` spellings as well.
+    if (file.startsWith("//")) file = file.slice(2);
+    if (file === "") throw new Error(`Database URL "${url}" names no SQLite file; use e.g. sqlite:./data/aaos.db`);
+    return { dialect: "sqlite", file };
+  }
+  if (url.startsWith("postgresql://") || url.startsWith("postgres://")) {
+    return { dialect: "postgresql", url };
+  }
+  throw new Error(
+    `Database URL "${redactUrl(url)}" is not supported: use sqlite:<file>, sqlite::memory: or postgresql://user@host:port/db`,
+  );
+}
+
+function ormOptions(target: Target, schema: string | undefined): Partial<Options> {
+  const common = {
+    entities: ENTITIES,
+    extensions: [Migrator],
+    // The ORM must not pick up MIKRO_ORM_* variables or config files: config comes from our caller only.
+    preferEnvVars: false,
+    debug: false,
+    allowGlobalContext: false,
+  } satisfies Partial<Options>;
+  const migrations = {
+    migrationsList: [...MIGRATIONS[target.dialect]],
+    // Snapshots are a development aid that writes files next to the migrations; never at run time.
+    snapshot: false,
+    silent: true,
+    transactional: true,
+    allOrNothing: true,
+  };
+  if (target.dialect === "sqlite") {
+    return {
+      ...common,
+      driver: SqliteDriver,
+      dbName: target.file,
+      driverOptions: new NodeSqliteDialect(target.file),
+      migrations,
+    };
+  }
+  return {
+    ...common,
+    driver: PostgreSqlDriver,
+    clientUrl: target.url,
+    ...(schema ? { schema } : {}),
+    driverOptions: { connectionTimeoutMillis: CONNECT_TIMEOUT_MS },
+    migrations: schema ? { ...migrations, schema } : migrations,
+  };
+}
+
+function quoteIdentifier(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+function describeError(e: unknown): string {
+  if (e instanceof AggregateError && e.errors.length > 0) return e.errors.map(describeError).join("; ");
+  return e instanceof Error ? e.message || e.name : String(e);
+}
+
+/**
+ * Opens the database named by `options.url`, applies pending migrations,
+ * checks that every table and column the entities need is present, and
+ * returns the repositories. Throws a message naming the (redacted) URL when
+ * the database is unreachable, and one naming each missing table/column when
+ * the schema is damaged.
+ */
+export async function createPersistence(options: PersistenceOptions): Promise<Persistence> {
+  const target = parseUrl(options.url);
+  const where = target.dialect === "sqlite" ? `SQLite database ${target.file}` : `PostgreSQL at ${redactUrl(target.url)}`;
+  if (target.dialect === "sqlite" && target.file !== ":memory:") {
+    await mkdir(path.dirname(path.resolve(target.file)), { recursive: true });
+  }
+
+  const orm = await MikroORM.init(ormOptions(target, options.schema));
+  try {
+    const em = orm.em.fork() as EntityManager;
+    try {
+      await em.execute("select 1");
+    } catch (e: unknown) {
+      throw new Error(`Database unreachable: ${where}: ${describeError(e)}`, { cause: e });
+    }
+    if (target.dialect === "postgresql" && options.schema) {
+      await em.execute(`create schema if not exists ${quoteIdentifier(options.schema)}`);
+    }
+
+    const applied = await orm.migrator.up();
+    if (applied.length > 0) {
+      options.log?.info({ dialect: target.dialect, migrations: applied.map((m) => m.name) }, "database migrated");
+    }
+
+    const problems = await findSchemaProblems(em, target.dialect, options.schema, expectedSchema(em));
+    if (problems.length > 0) throw new Error(describeSchemaProblems(problems, where));
+  } catch (e: unknown) {
+    await orm.close(true).catch(() => undefined);
+    throw e;
+  }
+
+  const fork = () => orm.em.fork() as EntityManager;
+  let closed: Promise<void> | undefined;
+  return {
+    dialect: target.dialect,
+    tasks: createTaskRepository({ fork }),
+    agents: createAgentRepository({ fork }),
+    async ping() {
+      try {
+        await fork().execute("select 1");
+      } catch (e: unknown) {
+        throw new Error(`Database unreachable: ${where}: ${describeError(e)}`, { cause: e });
+      }
+    },
+    close() {
+      closed ??= orm.close(true);
+      return closed;
+    },
+  };
+}

@@ -1,0 +1,308 @@
+import { raw } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/sql";
+import type { AuditEntry, ListTasksFilter, NewTask, TaskRepository } from "../tasks/task-repository.js";
+import {
+  isTaskStatus,
+  isTaskType,
+  TASK_STATUSES,
+  type JsonObject,
+  type TaskRecord,
+  type TaskStatus,
+} from "../tasks/task-types.js";
+import { AuditLog } from "./entities/audit-log.entity.js";
+import { Task } from "./entities/task.entity.js";
+import { uuidv7 } from "./uuid7.js";
+
+/** What the repositories need from the ORM: a fresh EntityManager per call. */
+export interface RepositoryDeps {
+  fork(): EntityManager;
+}
+
+/** How many times `cancel` re-reads a task whose status changed under it before giving up. */
+const CANCEL_RETRIES = 3;
+
+function parseObject(text: string | null | undefined): JsonObject | null {
+  if (text == null || text === "") return null;
+  const value: unknown = JSON.parse(text);
+  return value !== null && typeof value === "object" && !Array.isArray(value) ? (value as JsonObject) : null;
+}
+
+function toRecord(row: Task): TaskRecord {
+  if (!isTaskType(row.taskType)) throw new Error(`task ${row.taskId} has unknown task_type "${row.taskType}"`);
+  if (!isTaskStatus(row.status)) throw new Error(`task ${row.taskId} has unknown status "${row.status}"`);
+  return {
+    taskId: row.taskId,
+    taskType: row.taskType,
+    description: row.description,
+    priority: row.priority,
+    metadata: parseObject(row.metadataJson) ?? {},
+    status: row.status,
+    agentId: row.agentId ?? null,
+    attempt: row.attempt,
+    maxAttempts: row.maxAttempts,
+    result: parseObject(row.resultJson),
+    error: row.error ?? null,
+    correlationId: row.correlationId,
+    seq: Number(row.seq),
+    createdAt: row.createdAt,
+    updatedAt: row.updatedAt,
+    assignedAt: row.assignedAt ?? null,
+    completedAt: row.completedAt ?? null,
+  };
+}
+
+function auditRow(taskId: string, entry: AuditEntry, at: Date) {
+  return {
+    logId: uuidv7(),
+    taskId,
+    agentId: entry.agentId,
+    action: entry.action,
+    fromStatus: entry.fromStatus,
+    toStatus: entry.toStatus,
+    correlationId: entry.correlationId,
+    detailsJson: entry.details === undefined ? null : JSON.stringify(entry.details),
+    createdAt: at,
+  };
+}
+
+/**
+ * TaskRepository over MikroORM. Each state change is one set-based UPDATE whose
+ * WHERE carries the expected state (the compare-and-set), written in the same
+ * transaction as its audit row; 0 rows matched means another writer got there
+ * first or the caller's view was stale, and nothing is written.
+ *
+ * `release` clears agent_id (a pending task has no holder; the audit row keeps
+ * who released it) and keeps priority, seq and assigned_at. Terminal
+ * transitions (complete, fail, cancel) set completed_at.
+ */
+export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
+  /**
+   * Applies `set` to the task only if it still matches `expected`, then writes
+   * the audit row built from the task as it is after the change.
+   */
+  async function transition(
+    taskId: string,
+    expected: Record<string, unknown>,
+    set: Record<string, unknown>,
+    now: Date,
+    audit: (after: TaskRecord) => AuditEntry,
+  ): Promise<TaskRecord | null> {
+    return deps.fork().transactional(async (em) => {
+      const changed = await em.nativeUpdate(Task, { ...expected, taskId }, set);
+      if (changed === 0) return null;
+      const after = toRecord(await em.findOneOrFail(Task, { taskId }));
+      await em.insert(AuditLog, auditRow(taskId, audit(after), now));
+      return after;
+    });
+  }
+
+  return {
+    async insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
+      return deps.fork().transactional(async (em) => {
+        await em.insert(Task, {
+          taskId: task.taskId,
+          taskType: task.taskType,
+          description: task.description,
+          priority: task.priority,
+          status: "pending",
+          metadataJson: JSON.stringify(task.metadata),
+          agentId: null,
+          attempt: 0,
+          maxAttempts: task.maxAttempts,
+          resultJson: null,
+          error: null,
+          correlationId: task.correlationId,
+          seq: task.seq,
+          createdAt: task.createdAt,
+          updatedAt: task.createdAt,
+          assignedAt: null,
+          completedAt: null,
+        });
+        await em.insert(AuditLog, auditRow(task.taskId, audit, task.createdAt));
+        return toRecord(await em.findOneOrFail(Task, { taskId: task.taskId }));
+      });
+    },
+
+    async deleteUnqueued(taskId: string): Promise<void> {
+      await deps.fork().transactional(async (em) => {
+        // Only a task that never left the queue's hands (attempt 0) may vanish without trace.
+        const deleted = await em.nativeDelete(Task, { taskId, status: "pending", attempt: 0 });
+        if (deleted > 0) await em.nativeDelete(AuditLog, { taskId });
+      });
+    },
+
+    async get(taskId: string): Promise<TaskRecord | null> {
+      const row = await deps.fork().findOne(Task, { taskId });
+      return row ? toRecord(row) : null;
+    },
+
+    async list(filter: ListTasksFilter): Promise<TaskRecord[]> {
+      const { before } = filter;
+      const rows = await deps.fork().find(
+        Task,
+        {
+          ...(filter.status ? { status: filter.status } : {}),
+          ...(filter.taskType ? { taskType: filter.taskType } : {}),
+          ...(before
+            ? {
+                $or: [
+                  { createdAt: { $lt: before.createdAt } },
+                  { createdAt: before.createdAt, taskId: { $lt: before.taskId } },
+                ],
+              }
+            : {}),
+        },
+        { orderBy: [{ createdAt: "desc" }, { taskId: "desc" }], limit: filter.limit },
+      );
+      return rows.map(toRecord);
+    },
+
+    assign(taskId, agentId, now, correlationId) {
+      return transition(
+        taskId,
+        { status: "pending" },
+        { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now },
+        now,
+        (after) => ({
+          action: "task.assigned",
+          fromStatus: "pending",
+          toStatus: "assigned",
+          agentId,
+          correlationId: correlationId ?? after.correlationId,
+          details: { attempt: after.attempt },
+        }),
+      );
+    },
+
+    complete(taskId, agentId, attempt, result, now) {
+      return transition(
+        taskId,
+        { status: "assigned", agentId, attempt },
+        { status: "completed", resultJson: JSON.stringify(result), completedAt: now, updatedAt: now },
+        now,
+        (after) => ({
+          action: "task.completed",
+          fromStatus: "assigned",
+          toStatus: "completed",
+          agentId,
+          correlationId: after.correlationId,
+          details: { attempt },
+        }),
+      );
+    },
+
+    fail(taskId, agentId, attempt, error, now) {
+      return transition(
+        taskId,
+        { status: "assigned", agentId, attempt },
+        { status: "failed", error, completedAt: now, updatedAt: now },
+        now,
+        (after) => ({
+          action: "task.failed",
+          fromStatus: "assigned",
+          toStatus: "failed",
+          agentId,
+          correlationId: after.correlationId,
+          details: { attempt, error },
+        }),
+      );
+    },
+
+    release(taskId, agentId, attempt, reason, now) {
+      return transition(
+        taskId,
+        { status: "assigned", agentId, attempt },
+        { status: "pending", agentId: null, updatedAt: now },
+        now,
+        (after) => ({
+          action: "task.requeued",
+          fromStatus: "assigned",
+          toStatus: "pending",
+          agentId,
+          correlationId: after.correlationId,
+          details: { attempt, reason },
+        }),
+      );
+    },
+
+    async cancel(taskId, now, correlationId) {
+      // The audit row needs the status we cancelled from, so read it and make
+      // it part of the compare-and-set; retry if it changed in between.
+      for (let i = 0; i < CANCEL_RETRIES; i++) {
+        const current = await deps.fork().findOne(Task, { taskId }, { fields: ["status", "agentId"] });
+        const from: string | undefined = current?.status;
+        if (from !== "pending" && from !== "assigned") return null;
+        const holder = current?.agentId ?? null;
+        const after = await transition(
+          taskId,
+          { status: from, agentId: holder },
+          { status: "cancelled", completedAt: now, updatedAt: now },
+          now,
+          (task) => ({
+            action: "task.cancelled",
+            fromStatus: from,
+            toStatus: "cancelled",
+            agentId: holder,
+            correlationId: correlationId ?? task.correlationId,
+          }),
+        );
+        if (after) return after;
+      }
+      return null;
+    },
+
+    async listRunnable(): Promise<TaskRecord[]> {
+      const rows = await deps
+        .fork()
+        .find(Task, { status: "pending" }, { orderBy: [{ priority: "desc" }, { seq: "asc" }] });
+      return rows.map(toRecord);
+    },
+
+    async listAssigned(): Promise<TaskRecord[]> {
+      const rows = await deps.fork().find(Task, { status: "assigned" }, { orderBy: { seq: "asc" } });
+      return rows.map(toRecord);
+    },
+
+    async maxSeq(): Promise<number> {
+      const [row] = await deps.fork().find(Task, {}, { orderBy: { seq: "desc" }, fields: ["seq"], limit: 1 });
+      return row ? Number(row.seq) : 0;
+    },
+
+    async countByStatus(): Promise<Record<TaskStatus, number>> {
+      const rows: Array<{ status: string; n: number | string }> = await deps
+        .fork()
+        .createQueryBuilder(Task)
+        .select(["status", raw("count(*) as n")])
+        .groupBy("status")
+        .execute("all", false);
+      const counts = Object.fromEntries(TASK_STATUSES.map((s) => [s, 0])) as Record<TaskStatus, number>;
+      for (const row of rows) {
+        if (isTaskStatus(row.status)) counts[row.status] = Number(row.n);
+      }
+      return counts;
+    },
+
+    async countCompletedSince(since: Date): Promise<number> {
+      return deps.fork().count(Task, { status: "completed", completedAt: { $gte: since } });
+    },
+
+    async auditTrail(taskId: string): Promise<Array<AuditEntry & { createdAt: Date }>> {
+      const rows = await deps
+        .fork()
+        .find(AuditLog, { taskId }, { orderBy: [{ createdAt: "asc" }, { logId: "asc" }] });
+      return rows.map((row) => {
+        const entry: AuditEntry & { createdAt: Date } = {
+          action: row.action,
+          fromStatus: isTaskStatus(row.fromStatus) ? row.fromStatus : null,
+          toStatus: isTaskStatus(row.toStatus) ? row.toStatus : "pending",
+          agentId: row.agentId ?? null,
+          correlationId: row.correlationId ?? null,
+          createdAt: row.createdAt,
+        };
+        const details = parseObject(row.detailsJson);
+        if (details) entry.details = details;
+        return entry;
+      });
+    },
+  };
+}

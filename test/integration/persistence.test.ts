@@ -1,0 +1,558 @@
+import { randomUUID } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { MikroORM } from "@mikro-orm/core";
+import { PostgreSqlDriver } from "@mikro-orm/postgresql";
+import { NodeSqliteDialect, SqliteDriver } from "@mikro-orm/sql";
+import { afterAll, describe, expect, it } from "vitest";
+import { ENTITIES } from "../../src/persistence/entities/index.js";
+import { createPersistence, type Persistence, type PersistenceOptions } from "../../src/persistence/orm.js";
+import type { AuditEntry, NewTask } from "../../src/tasks/task-repository.js";
+import type { TaskType } from "../../src/tasks/task-types.js";
+import { postgresAvailable, TEST_POSTGRES_URL, uniqueName } from "../support/services.js";
+
+/** A place to open databases in: every `fresh()` is a new, empty database cleaned up after the suite. */
+interface Backend {
+  name: "sqlite" | "postgresql";
+  available: boolean;
+  /** Options for a brand-new empty database. */
+  fresh(): Promise<PersistenceOptions>;
+  /** Runs raw SQL against the database behind `options`, bypassing the repositories. */
+  exec(options: PersistenceOptions, sql: string): Promise<unknown[]>;
+  /** DDL the ORM would still need to make the database match the entities ("" when migrations and entities agree). */
+  schemaDiff(options: PersistenceOptions): Promise<string>;
+  cleanup(): Promise<void>;
+}
+
+function sqliteBackend(): Backend {
+  let dir: string | undefined;
+  return {
+    name: "sqlite",
+    available: true,
+    async fresh() {
+      dir ??= await mkdtemp(path.join(tmpdir(), "aaos-persistence-"));
+      // A nested path proves createPersistence makes the parent directory.
+      return { url: `sqlite:${path.join(dir, randomUUID(), "data", "aaos.db")}` };
+    },
+    async exec(options, sql) {
+      const file = options.url.slice("sqlite:".length);
+      const orm = await MikroORM.init({
+        driver: SqliteDriver,
+        dbName: file,
+        driverOptions: new NodeSqliteDialect(file),
+        entities: [],
+        discovery: { warnWhenNoEntities: false },
+      });
+      try {
+        return await orm.em.getConnection().execute(sql);
+      } finally {
+        await orm.close(true);
+      }
+    },
+    async schemaDiff(options) {
+      const file = options.url.slice("sqlite:".length);
+      const orm = await MikroORM.init({
+        driver: SqliteDriver,
+        dbName: file,
+        driverOptions: new NodeSqliteDialect(file),
+        entities: ENTITIES,
+      });
+      try {
+        const diff = (await orm.schema.getUpdateSchemaSQL({ wrap: false })).trim();
+        // MikroORM cannot introspect DESC index columns on SQLite, so it proposes re-creating
+        // those indexes. Ignore the pairs whose CREATE is exactly what the database already holds.
+        const existing: Array<{ sql: string }> = await orm.em
+          .getConnection()
+          .execute("select sql from sqlite_master where type = 'index' and sql is not null");
+        const normalize = (sql: string) => sql.toLowerCase().replace(/;$/, "");
+        const held = new Set(existing.map((row) => normalize(row.sql)));
+        const recreated = new Set<string>();
+        const lines = diff.split("\n").filter((line) => {
+          const name = /^create index `([^`]+)`/.exec(line)?.[1];
+          if (name && held.has(normalize(line))) return !recreated.add(name);
+          return true;
+        });
+        return lines.filter((line) => !recreated.has(/^drop index `([^`]+)`/.exec(line)?.[1] ?? "")).join("\n").trim();
+      } finally {
+        await orm.close(true);
+      }
+    },
+    async cleanup() {
+      if (dir) await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function postgresBackend(): Backend {
+  const schemas: string[] = [];
+  async function run(sql: string, schema?: string): Promise<unknown[]> {
+    const orm = await MikroORM.init({
+      driver: PostgreSqlDriver,
+      clientUrl: TEST_POSTGRES_URL,
+      entities: [],
+      discovery: { warnWhenNoEntities: false },
+      // Every pooled connection resolves unqualified names in the suite's schema.
+      ...(schema ? { driverOptions: { options: `-c search_path=${schema}` } } : {}),
+    });
+    try {
+      return await orm.em.getConnection().execute(sql);
+    } finally {
+      await orm.close(true);
+    }
+  }
+  return {
+    name: "postgresql",
+    available: postgresAvailable,
+    async fresh() {
+      const schema = uniqueName("persist");
+      schemas.push(schema);
+      return { url: TEST_POSTGRES_URL, schema };
+    },
+    exec(options, sql) {
+      return run(sql, options.schema);
+    },
+    async schemaDiff(options) {
+      const orm = await MikroORM.init({
+        driver: PostgreSqlDriver,
+        clientUrl: TEST_POSTGRES_URL,
+        entities: ENTITIES,
+        ...(options.schema ? { schema: options.schema } : {}),
+      });
+      try {
+        return (await orm.schema.getUpdateSchemaSQL({ wrap: false, schema: options.schema })).trim();
+      } finally {
+        await orm.close(true);
+      }
+    },
+    async cleanup() {
+      for (const schema of schemas) await run(`drop schema if exists "${schema}" cascade`);
+    },
+  };
+}
+
+let seq = 0;
+function newTask(overrides: Partial<NewTask> = {}): NewTask {
+  seq += 1;
+  return {
+    taskId: randomUUID(),
+    taskType: "code",
+    description: `task ${seq}`,
+    priority: 5,
+    metadata: { n: seq, nested: { ok: true } },
+    maxAttempts: 3,
+    correlationId: `corr-${seq}`,
+    seq,
+    createdAt: new Date(Date.UTC(2026, 0, 1, 0, 0, 0, seq)),
+    ...overrides,
+  };
+}
+
+function created(task: NewTask): AuditEntry {
+  return {
+    action: "task.created",
+    fromStatus: null,
+    toStatus: "pending",
+    agentId: null,
+    correlationId: task.correlationId,
+    details: { priority: task.priority },
+  };
+}
+
+const backends = [sqliteBackend(), postgresBackend()];
+
+for (const backend of backends) {
+  describe.skipIf(!backend.available)(`persistence on ${backend.name}`, () => {
+    const open: Persistence[] = [];
+    async function openDb(options: PersistenceOptions): Promise<Persistence> {
+      const db = await createPersistence(options);
+      open.push(db);
+      return db;
+    }
+    async function freshDb(): Promise<Persistence> {
+      return openDb(await backend.fresh());
+    }
+    async function insert(db: Persistence, overrides: Partial<NewTask> = {}) {
+      const task = newTask(overrides);
+      return db.tasks.insert(task, created(task));
+    }
+    const t0 = new Date("2026-02-03T04:05:06.789Z");
+    const later = (ms: number) => new Date(t0.getTime() + ms);
+
+    afterAll(async () => {
+      for (const db of open) await db.close();
+      await backend.cleanup();
+    });
+
+    it("migrates a new database once, and a second open of the same database is a no-op", async () => {
+      const options = await backend.fresh();
+      const infos: string[] = [];
+      const log = { info: (_o: object, msg?: string) => infos.push(msg ?? ""), warn: () => undefined };
+      const first = await createPersistence({ ...options, log });
+      expect(first.dialect).toBe(backend.name);
+      const task = await insert(first);
+      await first.close();
+      await first.close(); // safe twice
+      expect(infos).toEqual(["database migrated"]);
+
+      const second = await openDb({ ...options, log });
+      expect(infos).toEqual(["database migrated"]);
+      expect(await second.tasks.get(task.taskId)).toEqual(task);
+      const rows = await backend.exec(options, "select name from mikro_orm_migrations");
+      expect(rows).toHaveLength(1);
+      await expect(second.ping()).resolves.toBeUndefined();
+      // The hand-frozen migration and the entities describe the same schema.
+      expect(await backend.schemaDiff(options)).toBe("");
+    });
+
+    it("refuses to start on a damaged schema and names what is missing", async () => {
+      const options = await backend.fresh();
+      await (await createPersistence(options)).close();
+      await backend.exec(options, "drop table audit_logs");
+      await backend.exec(options, "alter table tasks drop column error");
+      const failure = createPersistence(options);
+      await expect(failure).rejects.toThrow(/table "audit_logs" is missing/);
+      await expect(failure).rejects.toThrow(/column "tasks\.error" is missing/);
+      await expect(failure).rejects.toThrow(/Restore the missing objects/);
+    });
+
+    it("inserts a task with its creation audit row and reads it back exactly", async () => {
+      const db = await freshDb();
+      const task = newTask({ priority: 9, taskType: "trading", metadata: { a: [1, "two", null], b: { c: 1.5 } } });
+      const record = await db.tasks.insert(task, created(task));
+      expect(record).toEqual({
+        taskId: task.taskId,
+        taskType: "trading",
+        description: task.description,
+        priority: 9,
+        metadata: { a: [1, "two", null], b: { c: 1.5 } },
+        status: "pending",
+        agentId: null,
+        attempt: 0,
+        maxAttempts: 3,
+        result: null,
+        error: null,
+        correlationId: task.correlationId,
+        seq: task.seq,
+        createdAt: task.createdAt,
+        updatedAt: task.createdAt,
+        assignedAt: null,
+        completedAt: null,
+      });
+      // Millisecond precision survives the round trip on both dialects.
+      expect(record.createdAt.getUTCMilliseconds()).toBe(task.createdAt.getUTCMilliseconds());
+      expect(await db.tasks.get(task.taskId)).toEqual(record);
+      expect(await db.tasks.get(randomUUID())).toBeNull();
+      expect(await db.tasks.auditTrail(task.taskId)).toEqual([
+        { ...created(task), createdAt: task.createdAt },
+      ]);
+    });
+
+    it("lists newest first with a keyset cursor, ties broken by task id, and filters", async () => {
+      const db = await freshDb();
+      const same = new Date("2026-03-01T00:00:00.123Z");
+      const tasks = [];
+      for (let i = 0; i < 3; i++) tasks.push(await insert(db, { createdAt: later(i * 1000) }));
+      for (let i = 0; i < 3; i++) tasks.push(await insert(db, { createdAt: same, taskType: "qa" }));
+      const expected = [...tasks]
+        .sort((a, b) => b.createdAt.getTime() - a.createdAt.getTime() || (a.taskId < b.taskId ? 1 : -1))
+        .map((t) => t.taskId);
+
+      const seen: string[] = [];
+      let before: { createdAt: Date; taskId: string } | undefined;
+      for (;;) {
+        const page = await db.tasks.list({ limit: 4, ...(before ? { before } : {}) });
+        seen.push(...page.map((t) => t.taskId));
+        if (page.length < 4) break;
+        const last = page.at(-1)!;
+        before = { createdAt: last.createdAt, taskId: last.taskId };
+      }
+      expect(seen).toEqual(expected);
+
+      expect((await db.tasks.list({ limit: 10, taskType: "qa" })).map((t) => t.taskId)).toEqual(expected.slice(0, 3));
+      await db.tasks.assign(tasks[0]!.taskId, "agent-1", later(10_000), null);
+      expect((await db.tasks.list({ limit: 10, status: "assigned" })).map((t) => t.taskId)).toEqual([tasks[0]!.taskId]);
+      expect(await db.tasks.list({ limit: 10, status: "assigned", taskType: "qa" })).toEqual([]);
+    });
+
+    it("assign → complete records the lease, the result and one audit row per change", async () => {
+      const db = await freshDb();
+      const task = await insert(db);
+      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), "corr-assign");
+      expect(assigned).toMatchObject({
+        status: "assigned",
+        agentId: "agent-1",
+        attempt: 1,
+        assignedAt: later(1),
+        updatedAt: later(1),
+        completedAt: null,
+        seq: task.seq,
+        priority: task.priority,
+        correlationId: task.correlationId,
+      });
+      const done = await db.tasks.complete(task.taskId, "agent-1", 1, { answer: 42, list: ["x"] }, later(2));
+      expect(done).toMatchObject({
+        status: "completed",
+        agentId: "agent-1",
+        attempt: 1,
+        result: { answer: 42, list: ["x"] },
+        completedAt: later(2),
+        updatedAt: later(2),
+        assignedAt: later(1),
+      });
+      expect(await db.tasks.get(task.taskId)).toEqual(done);
+      expect(await db.tasks.auditTrail(task.taskId)).toEqual([
+        {
+          action: "task.created",
+          fromStatus: null,
+          toStatus: "pending",
+          agentId: null,
+          correlationId: task.correlationId,
+          details: { priority: task.priority },
+          createdAt: task.createdAt,
+        },
+        {
+          action: "task.assigned",
+          fromStatus: "pending",
+          toStatus: "assigned",
+          agentId: "agent-1",
+          correlationId: "corr-assign",
+          details: { attempt: 1 },
+          createdAt: later(1),
+        },
+        {
+          action: "task.completed",
+          fromStatus: "assigned",
+          toStatus: "completed",
+          agentId: "agent-1",
+          correlationId: task.correlationId,
+          details: { attempt: 1 },
+          createdAt: later(2),
+        },
+      ]);
+      expect(await db.tasks.countCompletedSince(later(2))).toBe(1);
+      expect(await db.tasks.countCompletedSince(later(3))).toBe(0);
+    });
+
+    it("fail records the error; release requeues at the same place and the next assign is attempt 2", async () => {
+      const db = await freshDb();
+      const task = await insert(db, { priority: 7 });
+      await db.tasks.assign(task.taskId, "agent-1", later(1), null);
+      const released = await db.tasks.release(task.taskId, "agent-1", 1, "agent disconnected", later(2));
+      expect(released).toMatchObject({ status: "pending", agentId: null, attempt: 1, priority: 7, seq: task.seq, updatedAt: later(2) });
+      expect((await db.tasks.listRunnable()).map((t) => t.taskId)).toEqual([task.taskId]);
+
+      const again = await db.tasks.assign(task.taskId, "agent-2", later(3), null);
+      expect(again).toMatchObject({ status: "assigned", agentId: "agent-2", attempt: 2, assignedAt: later(3) });
+      const failed = await db.tasks.fail(task.taskId, "agent-2", 2, "boom", later(4));
+      expect(failed).toMatchObject({ status: "failed", error: "boom", agentId: "agent-2", attempt: 2, completedAt: later(4) });
+
+      const trail = await db.tasks.auditTrail(task.taskId);
+      expect(trail.map((a) => [a.action, a.fromStatus, a.toStatus, a.agentId])).toEqual([
+        ["task.created", null, "pending", null],
+        ["task.assigned", "pending", "assigned", "agent-1"],
+        ["task.requeued", "assigned", "pending", "agent-1"],
+        ["task.assigned", "pending", "assigned", "agent-2"],
+        ["task.failed", "assigned", "failed", "agent-2"],
+      ]);
+      expect(trail[2]!.details).toEqual({ attempt: 1, reason: "agent disconnected" });
+      expect(trail[4]!.details).toEqual({ attempt: 2, error: "boom" });
+    });
+
+    it("cancel works from pending and from assigned, and from nothing else", async () => {
+      const db = await freshDb();
+      const pending = await insert(db);
+      const cancelled = await db.tasks.cancel(pending.taskId, later(1), "corr-cancel");
+      expect(cancelled).toMatchObject({ status: "cancelled", completedAt: later(1), agentId: null });
+      expect(await db.tasks.cancel(pending.taskId, later(2), null)).toBeNull();
+
+      const held = await insert(db);
+      await db.tasks.assign(held.taskId, "agent-1", later(1), null);
+      expect(await db.tasks.cancel(held.taskId, later(2), null)).toMatchObject({ status: "cancelled", agentId: "agent-1" });
+      // The lease is gone: the former holder can no longer complete it.
+      expect(await db.tasks.complete(held.taskId, "agent-1", 1, {}, later(3))).toBeNull();
+
+      const done = await insert(db);
+      await db.tasks.assign(done.taskId, "agent-1", later(1), null);
+      await db.tasks.complete(done.taskId, "agent-1", 1, {}, later(2));
+      expect(await db.tasks.cancel(done.taskId, later(3), null)).toBeNull();
+      expect(await db.tasks.cancel(randomUUID(), later(3), null)).toBeNull();
+
+      expect((await db.tasks.auditTrail(pending.taskId)).at(-1)).toMatchObject({
+        action: "task.cancelled",
+        fromStatus: "pending",
+        toStatus: "cancelled",
+        correlationId: "corr-cancel",
+      });
+      expect((await db.tasks.auditTrail(held.taskId)).at(-1)).toMatchObject({
+        action: "task.cancelled",
+        fromStatus: "assigned",
+        agentId: "agent-1",
+        correlationId: held.correlationId,
+      });
+    });
+
+    it("refuses changes from the wrong agent, attempt or status and writes nothing", async () => {
+      const db = await freshDb();
+      const task = await insert(db);
+      expect(await db.tasks.complete(task.taskId, "agent-1", 0, {}, later(1))).toBeNull(); // still pending
+      expect(await db.tasks.release(task.taskId, "agent-1", 0, "x", later(1))).toBeNull();
+      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), null);
+      expect(await db.tasks.assign(task.taskId, "agent-2", later(2), null)).toBeNull(); // already assigned
+
+      expect(await db.tasks.complete(task.taskId, "agent-2", 1, {}, later(2))).toBeNull();
+      expect(await db.tasks.complete(task.taskId, "agent-1", 2, {}, later(2))).toBeNull();
+      expect(await db.tasks.fail(task.taskId, "agent-2", 1, "no", later(2))).toBeNull();
+      expect(await db.tasks.fail(task.taskId, "agent-1", 0, "no", later(2))).toBeNull();
+      expect(await db.tasks.release(task.taskId, "agent-2", 1, "no", later(2))).toBeNull();
+      expect(await db.tasks.release(task.taskId, "agent-1", 3, "no", later(2))).toBeNull();
+      expect(await db.tasks.assign(randomUUID(), "agent-1", later(2), null)).toBeNull();
+
+      expect(await db.tasks.get(task.taskId)).toEqual(assigned);
+      expect((await db.tasks.auditTrail(task.taskId)).map((a) => a.action)).toEqual(["task.created", "task.assigned"]);
+
+      // A result is recorded at most once.
+      expect(await db.tasks.complete(task.taskId, "agent-1", 1, { first: true }, later(3))).not.toBeNull();
+      expect(await db.tasks.complete(task.taskId, "agent-1", 1, { second: true }, later(4))).toBeNull();
+      expect(await db.tasks.fail(task.taskId, "agent-1", 1, "late", later(4))).toBeNull();
+      expect((await db.tasks.get(task.taskId))?.result).toEqual({ first: true });
+    });
+
+    it("lets exactly one of ten racing assigns win", async () => {
+      const db = await freshDb();
+      const task = await insert(db);
+      const results = await Promise.all(
+        Array.from({ length: 10 }, (_, i) => db.tasks.assign(task.taskId, `agent-${i}`, later(1), null)),
+      );
+      const winners = results.filter((r) => r !== null);
+      expect(winners).toHaveLength(1);
+      expect(winners[0]).toMatchObject({ attempt: 1, status: "assigned" });
+      expect(await db.tasks.get(task.taskId)).toEqual(winners[0]);
+      const assignedRows = (await db.tasks.auditTrail(task.taskId)).filter((a) => a.action === "task.assigned");
+      expect(assignedRows).toHaveLength(1);
+      expect(assignedRows[0]!.agentId).toBe(winners[0]!.agentId);
+    });
+
+    it("lists runnable work by priority desc then seq, counts every status, and knows the highest seq", async () => {
+      const db = await freshDb();
+      expect(await db.tasks.maxSeq()).toBe(0);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 0, completed: 0, failed: 0, cancelled: 0 });
+
+      const base = 1_000_000 + seq;
+      const specs: Array<[number, number, TaskType]> = [
+        [base + 5, 1, "code"],
+        [base + 1, 10, "qa"],
+        [base + 3, 5, "code"],
+        [base + 2, 5, "research"],
+        [base + 4, 10, "code"],
+        [base + 6, 0, "code"],
+      ];
+      const tasks = [];
+      for (const [s, priority, taskType] of specs) tasks.push(await insert(db, { seq: s, priority, taskType }));
+      // Big seq values (beyond 32 bits) survive the bigint column.
+      const big = await insert(db, { seq: 2 ** 40, priority: 0 });
+      const [a, b, c] = [tasks[0]!, tasks[1]!, tasks[2]!];
+      await db.tasks.assign(a.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(b.taskId, "agent-1", later(1), null);
+      await db.tasks.complete(b.taskId, "agent-1", 1, {}, later(2));
+      await db.tasks.cancel(c.taskId, later(2), null);
+      const failing = await insert(db, { seq: base + 7 });
+      await db.tasks.assign(failing.taskId, "agent-1", later(1), null);
+      await db.tasks.fail(failing.taskId, "agent-1", 1, "x", later(2));
+
+      expect((await db.tasks.listRunnable()).map((t) => t.seq)).toEqual([base + 4, base + 2, base + 6, 2 ** 40]);
+      expect((await db.tasks.listAssigned()).map((t) => t.taskId)).toEqual([a.taskId]);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 4, assigned: 1, completed: 1, failed: 1, cancelled: 1 });
+      expect(await db.tasks.maxSeq()).toBe(big.seq);
+    });
+
+    it("deleteUnqueued removes the task and its audit rows, but never a task that was handed out", async () => {
+      const db = await freshDb();
+      const task = await insert(db);
+      await db.tasks.deleteUnqueued(task.taskId);
+      expect(await db.tasks.get(task.taskId)).toBeNull();
+      expect(await db.tasks.auditTrail(task.taskId)).toEqual([]);
+
+      const handedOut = await insert(db);
+      await db.tasks.assign(handedOut.taskId, "agent-1", later(1), null);
+      await db.tasks.deleteUnqueued(handedOut.taskId);
+      expect(await db.tasks.get(handedOut.taskId)).not.toBeNull();
+    });
+
+    it("keeps agents: upsert, status, heartbeat, and disconnect-all at start-up", async () => {
+      const db = await freshDb();
+      await db.agents.upsertConnected(
+        { agentId: "agent-1", agentName: "one", agentType: "generic", capabilities: ["code", "qa"], maxConcurrency: 2 },
+        t0,
+      );
+      await db.agents.upsertConnected(
+        { agentId: "agent-2", agentName: "two", agentType: "llm", capabilities: [], maxConcurrency: 1 },
+        later(1),
+      );
+      expect(await db.agents.list()).toEqual([
+        {
+          agentId: "agent-1",
+          agentName: "one",
+          agentType: "generic",
+          capabilities: ["code", "qa"],
+          maxConcurrency: 2,
+          status: "idle",
+          isActive: true,
+          lastHeartbeat: t0,
+          createdAt: t0,
+          updatedAt: t0,
+        },
+        expect.objectContaining({ agentId: "agent-2", capabilities: [], status: "idle" }),
+      ]);
+
+      await db.agents.setStatus("agent-1", "busy", later(2));
+      await db.agents.touchHeartbeat("agent-1", later(3));
+      expect((await db.agents.list())[0]).toMatchObject({ status: "busy", lastHeartbeat: later(3), updatedAt: later(3) });
+
+      await db.agents.markAllDisconnected(later(4));
+      expect((await db.agents.list()).map((a) => [a.status, a.isActive])).toEqual([
+        ["disconnected", false],
+        ["disconnected", false],
+      ]);
+
+      // Reconnecting updates what the agent says about itself but keeps when it was first seen.
+      await db.agents.upsertConnected(
+        { agentId: "agent-1", agentName: "one-b", agentType: "generic", capabilities: ["trading"], maxConcurrency: 4 },
+        later(5),
+      );
+      expect((await db.agents.list())[0]).toMatchObject({
+        agentName: "one-b",
+        capabilities: ["trading"],
+        maxConcurrency: 4,
+        status: "idle",
+        isActive: true,
+        createdAt: t0,
+        updatedAt: later(5),
+      });
+    });
+  });
+}
+
+describe("createPersistence failures", () => {
+  it("names an unreachable PostgreSQL without its password, quickly", async () => {
+    const started = Date.now();
+    const failure = createPersistence({ url: "postgresql://postgres:s3cret@127.0.0.1:1/x" });
+    await expect(failure).rejects.toThrow(/Database unreachable: PostgreSQL at postgresql:\/\/postgres:\*\*\*@127\.0\.0\.1:1\/x/);
+    await expect(failure).rejects.not.toThrow(/s3cret/);
+    expect(Date.now() - started).toBeLessThan(10_000);
+  });
+
+  it("rejects a URL it cannot use", async () => {
+    await expect(createPersistence({ url: "mysql://localhost/db" })).rejects.toThrow(/not supported/);
+  });
+
+  it("opens an in-memory SQLite database", async () => {
+    const db = await createPersistence({ url: "sqlite::memory:" });
+    try {
+      expect(db.dialect).toBe("sqlite");
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 0, completed: 0, failed: 0, cancelled: 0 });
+    } finally {
+      await db.close();
+    }
+  });
+});
