@@ -1,0 +1,426 @@
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import net from "node:net";
+import { once } from "node:events";
+import { Redis } from "ioredis";
+import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
+import { createInProcessQueue, createRedisQueue, type PriorityQueue, type QueueEntry, type QueueLog } from "../../src/queue/index.js";
+import { TASK_TYPES, type TaskType } from "../../src/tasks/task-types.js";
+import { redisAvailable, TEST_REDIS_URL, uniqueName } from "../support/services.js";
+
+/** Every Redis prefix this file used, so afterAll can delete exactly its keys. */
+const usedPrefixes: string[] = [];
+const filePrefix = uniqueName("queue_contract");
+let prefixCount = 0;
+
+function newPrefix(): string {
+  const prefix = `${filePrefix}_${++prefixCount}`;
+  usedPrefixes.push(prefix);
+  return prefix;
+}
+
+function keysOf(prefix: string): string[] {
+  return [`{${prefix}}:seq`, ...TASK_TYPES.map((t) => `{${prefix}}:q:${t}`)];
+}
+
+/** Queues opened by the current test; closed after it. */
+const open: PriorityQueue[] = [];
+function track(queue: PriorityQueue): PriorityQueue {
+  open.push(queue);
+  return queue;
+}
+
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((q) => q.close()));
+});
+
+afterAll(async () => {
+  if (!redisAvailable || usedPrefixes.length === 0) return;
+  const admin = new Redis(TEST_REDIS_URL);
+  try {
+    await admin.del(...usedPrefixes.flatMap(keysOf));
+    const db3 = admin.duplicate({ db: otherDb() });
+    await db3.del(...usedPrefixes.flatMap(keysOf));
+    await db3.quit();
+  } finally {
+    await admin.quit();
+  }
+});
+
+/** A db number different from the one TEST_REDIS_URL selects. */
+function otherDb(): number {
+  const base = Number(new URL(TEST_REDIS_URL).pathname.slice(1) || 0);
+  return base === 3 ? 4 : 3;
+}
+
+function entry(taskId: string, priority: number, seq: number, taskType: TaskType = "code"): QueueEntry {
+  return { taskId, taskType, priority, seq };
+}
+
+async function drain(queue: PriorityQueue, types: readonly TaskType[] = TASK_TYPES): Promise<QueueEntry[]> {
+  const out: QueueEntry[] = [];
+  for (let e = await queue.claim(types); e !== null; e = await queue.claim(types)) out.push(e);
+  return out;
+}
+
+const factories = [
+  { name: "in-process", available: true, make: () => createInProcessQueue() },
+  {
+    name: "redis",
+    available: redisAvailable,
+    make: () => createRedisQueue({ url: TEST_REDIS_URL, prefix: newPrefix() }),
+  },
+];
+
+for (const factory of factories) {
+  describe.skipIf(!factory.available)(`${factory.name} queue: PriorityQueue contract`, () => {
+    const make = () => track(factory.make());
+
+    it("claims higher priority first", async () => {
+      const q = make();
+      for (const [i, p] of [5, 0, 10, 3, 7].entries()) await q.enqueue(entry(`t${i}`, p, i + 1));
+      expect((await drain(q)).map((e) => e.priority)).toEqual([10, 7, 5, 3, 0]);
+      expect(await q.claim(TASK_TYPES)).toBeNull();
+    });
+
+    it("claims equal priorities by ascending seq, whatever the enqueue order", async () => {
+      const q = make();
+      await q.enqueue(entry("b", 5, 20));
+      await q.enqueue(entry("c", 5, 30));
+      // A task going back to the queue keeps its original (earlier) place.
+      await q.enqueue(entry("a", 5, 10));
+      expect(await drain(q)).toEqual([entry("a", 5, 10), entry("b", 5, 20), entry("c", 5, 30)]);
+    });
+
+    it("returns only requested types and picks the best across them", async () => {
+      const q = make();
+      await q.enqueue(entry("code-5", 5, 1, "code"));
+      await q.enqueue(entry("research-8", 8, 2, "research"));
+      await q.enqueue(entry("qa-9", 9, 3, "qa"));
+      await q.enqueue(entry("research-5-later", 5, 4, "research"));
+
+      expect(await q.claim(["code", "research"])).toEqual(entry("research-8", 8, 2, "research"));
+      // Equal priority across types: the lower seq wins.
+      expect(await q.claim(["research", "code"])).toEqual(entry("code-5", 5, 1, "code"));
+      expect(await q.claim(["code", "research"])).toEqual(entry("research-5-later", 5, 4, "research"));
+      expect(await q.claim(["code", "research"])).toBeNull();
+      expect(await q.claim([])).toBeNull();
+      expect(await q.claim(["qa", "qa"])).toEqual(entry("qa-9", 9, 3, "qa"));
+    });
+
+    it("ignores an enqueue of a task already queued", async () => {
+      const q = make();
+      await q.enqueue(entry("x", 5, 1));
+      await q.enqueue(entry("x", 9, 2));
+      expect(await q.depth()).toEqual({ total: 1, byPriority: { 5: 1 } });
+      expect(await q.claim(["code"])).toEqual(entry("x", 5, 1));
+      expect(await q.claim(["code"])).toBeNull();
+    });
+
+    it("removes a queued task and reports whether it was there", async () => {
+      const q = make();
+      await q.enqueue(entry("a", 5, 1));
+      await q.enqueue(entry("b", 5, 2));
+      expect(await q.remove("a", "research")).toBe(false);
+      expect(await q.remove("a", "code")).toBe(true);
+      expect(await q.remove("a", "code")).toBe(false);
+      expect(await q.remove("never", "code")).toBe(false);
+      expect(await q.depth()).toEqual({ total: 1, byPriority: { 5: 1 } });
+      // A removed task can be queued again, and comes out once.
+      await q.enqueue(entry("a", 5, 1));
+      expect((await drain(q)).map((e) => e.taskId)).toEqual(["a", "b"]);
+    });
+
+    it("reports depth in total and by priority", async () => {
+      const q = make();
+      expect(await q.depth()).toEqual({ total: 0, byPriority: {} });
+      await q.enqueue(entry("a", 10, 1, "code"));
+      await q.enqueue(entry("b", 10, 2, "research"));
+      await q.enqueue(entry("c", 5, 3, "trading"));
+      await q.enqueue(entry("d", 0, 4, "qa"));
+      expect(await q.depth()).toEqual({ total: 4, byPriority: { 10: 2, 5: 1, 0: 1 } });
+      await q.claim(["code"]);
+      await q.remove("d", "qa");
+      expect(await q.depth()).toEqual({ total: 2, byPriority: { 10: 1, 5: 1 } });
+    });
+
+    it("reconciles: adds only missing entries and raises the seq counter", async () => {
+      const q = make();
+      const first = await q.allocateSeq();
+      await q.enqueue(entry("present", 5, first));
+      await q.reconcile(
+        [entry("present", 9, 1), entry("missing-1", 7, 500, "qa"), entry("missing-2", 5, 400)],
+        1000,
+      );
+      expect(await q.depth()).toEqual({ total: 3, byPriority: { 7: 1, 5: 2 } });
+      expect(await q.allocateSeq()).toBeGreaterThan(1000);
+      // A lower minSeq never moves the counter back.
+      await q.reconcile([], 10);
+      expect(await q.allocateSeq()).toBeGreaterThan(1001);
+      expect(await drain(q)).toEqual([
+        entry("missing-1", 7, 500, "qa"),
+        entry("present", 5, first),
+        entry("missing-2", 5, 400),
+      ]);
+    });
+
+    it("allocates strictly increasing seqs, also under concurrency", async () => {
+      const q = make();
+      let previous = 0;
+      for (let i = 0; i < 20; i++) {
+        const seq = await q.allocateSeq();
+        expect(seq).toBeGreaterThan(previous);
+        previous = seq;
+      }
+      const concurrent = await Promise.all(Array.from({ length: 200 }, () => q.allocateSeq()));
+      expect(new Set(concurrent).size).toBe(200);
+      expect(Math.min(...concurrent)).toBeGreaterThan(previous);
+    });
+
+    it("keeps order with many concurrent producers", async () => {
+      const q = make();
+      const producers = 20;
+      const perProducer = 50;
+      await Promise.all(
+        Array.from({ length: producers }, async (_, p) => {
+          for (let i = 0; i < perProducer; i++) {
+            const seq = await q.allocateSeq();
+            await q.enqueue(entry(`p${p}-${i}`, (p + i) % 3 === 0 ? 9 : 4, seq, i % 2 ? "code" : "research"));
+          }
+        }),
+      );
+      expect((await q.depth()).total).toBe(producers * perProducer);
+
+      const out = await drain(q);
+      expect(out).toHaveLength(producers * perProducer);
+      const sorted = [...out].sort((a, b) => b.priority - a.priority || a.seq - b.seq);
+      expect(out).toEqual(sorted);
+      // Within one priority, each producer's entries come out in the order it produced them.
+      for (let p = 0; p < producers; p++) {
+        for (const priority of [9, 4]) {
+          const mine = out.filter((e) => e.taskId.startsWith(`p${p}-`) && e.priority === priority);
+          const indexes = mine.map((e) => Number(e.taskId.split("-")[1]));
+          expect(indexes).toEqual([...indexes].sort((a, b) => a - b));
+        }
+      }
+    });
+
+    it("hands each entry to exactly one of many concurrent claimers", async () => {
+      const q = make();
+      const total = 1000;
+      const types = ["code", "research", "analysis"] as const;
+      await q.reconcile(
+        Array.from({ length: total }, (_, i) => entry(`t${i}`, i % 11, i + 1, types[i % 3])),
+        total,
+      );
+      const claimed = await Promise.all(Array.from({ length: 20 }, () => drain(q, types)));
+      const ids = claimed.flat().map((e) => e.taskId);
+      expect(ids).toHaveLength(total);
+      expect(new Set(ids).size).toBe(total);
+      expect(await q.depth()).toEqual({ total: 0, byPriority: {} });
+    });
+
+    it("signals onAvailable when enqueue or reconcile adds work, until unsubscribed", async () => {
+      const q = make();
+      const seen: TaskType[] = [];
+      const unsubscribe = q.onAvailable((t) => seen.push(t));
+      await q.enqueue(entry("a", 5, 1, "research"));
+      await vi.waitFor(() => expect(seen).toContain("research"));
+      await q.reconcile([entry("b", 5, 2, "trading")], 2);
+      await vi.waitFor(() => expect(seen).toContain("trading"));
+
+      unsubscribe();
+      const count = seen.length;
+      await q.enqueue(entry("c", 5, 3, "qa"));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(seen).toHaveLength(count);
+    });
+
+    it("survives a throwing listener", async () => {
+      const q = make();
+      const seen: TaskType[] = [];
+      q.onAvailable(() => {
+        throw new Error("listener bug");
+      });
+      q.onAvailable((t) => seen.push(t));
+      await q.enqueue(entry("a", 5, 1));
+      await vi.waitFor(() => expect(seen).toEqual(["code"]));
+      expect(await q.claim(["code"])).toEqual(entry("a", 5, 1));
+    });
+
+    it("rejects entries it cannot order", async () => {
+      const q = make();
+      await expect(q.enqueue(entry("a", 11, 1))).rejects.toThrow(RangeError);
+      await expect(q.enqueue(entry("a", 2.5, 1))).rejects.toThrow(RangeError);
+      await expect(q.enqueue(entry("a", 5, -1))).rejects.toThrow(RangeError);
+      await expect(q.enqueue(entry("a", 5, 2 ** 40))).rejects.toThrow(RangeError);
+      await expect(q.enqueue({ ...entry("a", 5, 1), taskType: "nope" as TaskType })).rejects.toThrow(RangeError);
+      await expect(q.reconcile([entry("ok", 5, 1), entry("bad", 12, 2)], 0)).rejects.toThrow(RangeError);
+      expect(await q.depth()).toEqual({ total: 0, byPriority: {} });
+    });
+
+    it("answers ping, and close is safe to call twice", async () => {
+      const q = factory.make();
+      await q.ping();
+      q.onAvailable(() => {});
+      await q.close();
+      await q.close();
+      await expect(q.claim(["code"])).rejects.toThrow();
+      await expect(q.ping()).rejects.toThrow();
+    });
+  });
+}
+
+describe.skipIf(!redisAvailable)("redis queue: shared between instances", () => {
+  it("shares work, seqs and onAvailable signals across instances with one prefix", async () => {
+    const prefix = newPrefix();
+    const a = track(createRedisQueue({ url: TEST_REDIS_URL, prefix }));
+    const b = track(createRedisQueue({ url: TEST_REDIS_URL, prefix }));
+
+    const seqs = [await a.allocateSeq(), await b.allocateSeq(), await a.allocateSeq(), await b.allocateSeq()];
+    expect(seqs).toEqual([...seqs].sort((x, y) => x - y));
+    expect(new Set(seqs).size).toBe(4);
+
+    await a.enqueue(entry("from-a", 5, seqs[0]!));
+    await b.enqueue(entry("from-b", 7, seqs[1]!));
+    expect(await b.claim(["code"])).toEqual(entry("from-b", 7, seqs[1]!));
+    expect(await b.claim(["code"])).toEqual(entry("from-a", 5, seqs[0]!));
+    expect((await a.depth()).total).toBe(0);
+
+    // B subscribes lazily; keep producing on A until B's subscription is live and a signal arrives.
+    const seenByB: TaskType[] = [];
+    b.onAvailable((t) => seenByB.push(t));
+    let n = 0;
+    await vi.waitFor(
+      async () => {
+        await a.enqueue(entry(`signal-${n++}`, 5, await a.allocateSeq(), "synthesis"));
+        expect(seenByB).toContain("synthesis");
+      },
+      { timeout: 5000, interval: 50 },
+    );
+    expect(await drain(b, ["synthesis"])).toHaveLength(n);
+  });
+
+  it("honours a db number in the URL", async () => {
+    const prefix = newPrefix();
+    const url = new URL(TEST_REDIS_URL);
+    url.pathname = `/${otherDb()}`;
+    const q = track(createRedisQueue({ url: url.toString(), prefix }));
+    await q.enqueue(entry("in-other-db", 5, 1));
+
+    const admin = new Redis(TEST_REDIS_URL);
+    const other = admin.duplicate({ db: otherDb() });
+    try {
+      expect(await other.zcard(`{${prefix}}:q:code`)).toBe(1);
+      expect(await admin.zcard(`{${prefix}}:q:code`)).toBe(0);
+    } finally {
+      await Promise.all([admin.quit(), other.quit()]);
+    }
+  });
+});
+
+/** A TCP port with nothing listening on it (right now). */
+async function freePort(): Promise<number> {
+  const server = net.createServer().listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const { port } = server.address() as net.AddressInfo;
+  server.close();
+  await once(server, "close");
+  return port;
+}
+
+function recordingLog(): QueueLog & { warns: string[] } {
+  const warns: string[] = [];
+  return { warns, warn: (_obj, msg) => warns.push(msg), info: () => {} };
+}
+
+describe("redis queue: failure behaviour", () => {
+  it("rejects quickly instead of hanging when Redis is unreachable", async () => {
+    const port = await freePort();
+    const log = recordingLog();
+    const q = track(createRedisQueue({ url: `redis://127.0.0.1:${port}`, prefix: "unreachable", log }));
+    q.onAvailable(() => {});
+    const started = Date.now();
+    await expect(q.ping()).rejects.toThrow();
+    await expect(q.enqueue(entry("a", 5, 1))).rejects.toThrow();
+    await expect(q.claim(["code"])).rejects.toThrow();
+    await expect(q.allocateSeq()).rejects.toThrow();
+    expect(Date.now() - started).toBeLessThan(2500);
+    // Many failed connection attempts, but repetitive errors are rate-limited (one line per connection).
+    expect(log.warns.length).toBeGreaterThanOrEqual(1);
+    expect(log.warns.length).toBeLessThanOrEqual(2);
+  });
+
+  const hasRedisServer = spawnSync("redis-server", ["--version"]).status === 0;
+  const children: ChildProcess[] = [];
+
+  async function startRedisServer(port: number): Promise<ChildProcess> {
+    const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    children.push(child);
+    let output = "";
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.on("data", (chunk: Buffer) => {
+        output += chunk.toString();
+        if (output.includes("Ready to accept connections")) resolve();
+      });
+      child.once("exit", (code) => reject(new Error(`redis-server exited (${code}): ${output}`)));
+    });
+    return child;
+  }
+
+  async function kill(child: ChildProcess): Promise<void> {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill("SIGKILL");
+    await once(child, "exit");
+  }
+
+  afterAll(async () => {
+    await Promise.all(children.map(kill));
+  });
+
+  it.skipIf(!hasRedisServer && process.env.CI !== "true")(
+    "reports errors while Redis is down and recovers by itself when it returns",
+    async () => {
+      const port = await freePort();
+      let server = await startRedisServer(port);
+      const url = `redis://127.0.0.1:${port}`;
+      const log = recordingLog();
+      const q = track(createRedisQueue({ url, prefix: "restart", log, reconnectMaxDelayMs: 300 }));
+      const seen: TaskType[] = [];
+      q.onAvailable((t) => seen.push(t));
+      await q.enqueue(entry("before", 5, await q.allocateSeq()));
+      expect(await q.claim(["code"])).toMatchObject({ taskId: "before" });
+
+      await kill(server);
+      const started = Date.now();
+      await expect(q.enqueue(entry("while-down", 5, 2))).rejects.toThrow();
+      await expect(q.claim(["code"])).rejects.toThrow();
+      await expect(q.ping()).rejects.toThrow();
+      expect(Date.now() - started).toBeLessThan(2500);
+      // The outage is logged (the socket may be noticed as unwritable a moment before it is closed).
+      await vi.waitFor(() => expect(log.warns).toContain("redis queue connection lost"));
+
+      server = await startRedisServer(port);
+      await vi.waitFor(() => q.ping(), { timeout: 10_000, interval: 100 });
+      // A fresh server has lost the scripts and the data; both come back by themselves.
+      await q.enqueue(entry("after", 5, await q.allocateSeq()));
+      expect(await q.claim(["code"])).toMatchObject({ taskId: "after" });
+
+      // The subscriber reconnected too: it announces possibly missed work for every type...
+      await vi.waitFor(() => expect(seen).toEqual(expect.arrayContaining([...TASK_TYPES])), { timeout: 10_000 });
+      // ...and receives other instances' signals again.
+      seen.length = 0;
+      const other = track(createRedisQueue({ url, prefix: "restart" }));
+      let n = 0;
+      await vi.waitFor(
+        async () => {
+          await other.enqueue(entry(`other-${n++}`, 5, await other.allocateSeq(), "documentation"));
+          expect(seen).toContain("documentation");
+        },
+        { timeout: 10_000, interval: 100 },
+      );
+      await kill(server);
+    },
+  );
+});
