@@ -1,0 +1,269 @@
+import { randomUUID } from "node:crypto";
+import type { Logger } from "../telemetry/logger.js";
+import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
+import type { TaskEvents } from "../tasks/task-events.js";
+import type { PriorityQueue } from "../queue/priority-queue.js";
+import { TASK_TYPES, type TaskRecord, type TaskType } from "../tasks/task-types.js";
+import { toConnectError, wsCodeOf } from "../errors/errors.js";
+import { parseAgentMessage, type AgentMessage, type ServerMessage } from "./agent-messages.js";
+import { sessionStep, type SessionState } from "./session-state.js";
+
+/** How a transport delivers to its agent; the session never sees proto or JSON. */
+export interface SessionOutlet {
+  send(message: ServerMessage): void;
+  /** Ends the underlying stream/socket. Called once, after the session closed. */
+  end(reason: string): void;
+}
+
+/** What a session needs from the rest of the service. */
+export interface SessionDeps {
+  tasks: TaskRepository;
+  agents: AgentRepository;
+  queue: PriorityQueue;
+  events: TaskEvents;
+  log: Logger;
+  clock: () => Date;
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+  /** Called when the session registers or closes, and when it frees a slot. */
+  registry: {
+    attach(session: AgentSession): void;
+    detach(session: AgentSession): void;
+    slotFreed(): void;
+  };
+}
+
+/**
+ * One connected agent, whatever its transport. Messages are handled one at a
+ * time in arrival order. Every task it holds is a lease for one attempt; when
+ * the session closes for any reason, its leases are given up and the tasks go
+ * back to the queue at their original priority and place.
+ */
+export class AgentSession {
+  state: SessionState = "awaiting_register";
+  agentId = "";
+  agentName = "";
+  agentType = "";
+  /** Task types this agent takes; every type when it registered none. */
+  capabilities: readonly TaskType[] = TASK_TYPES;
+  declaredCapabilities: readonly TaskType[] = [];
+  maxConcurrency = 1;
+  /** Held leases: task id → attempt (the fencing token). */
+  readonly held = new Map<string, TaskRecord>();
+  lastSeen: Date;
+  readonly connectedAt: Date;
+  private chain: Promise<void> = Promise.resolve();
+  private heartbeatTimer: NodeJS.Timeout | undefined;
+  private log: Logger;
+
+  constructor(
+    private readonly deps: SessionDeps,
+    readonly transport: "grpc" | "ws",
+    private readonly outlet: SessionOutlet,
+    readonly correlationId: string,
+  ) {
+    this.connectedAt = this.lastSeen = deps.clock();
+    this.log = deps.log.child({ correlation_id: correlationId, transport });
+    // An agent that never registers is a silent connection: time it out too.
+    this.heartbeatTimer = setTimeout(() => this.expire(), deps.heartbeatTimeoutMs);
+    this.heartbeatTimer.unref();
+  }
+
+  get freeSlots(): number {
+    return this.state === "active" ? this.maxConcurrency - this.held.size : 0;
+  }
+
+  /** Accepts a raw decoded message (already shaped like {@link AgentMessage}); queued behind earlier ones. */
+  receive(input: unknown): Promise<void> {
+    this.chain = this.chain.then(() => this.handle(input)).catch((e: unknown) => {
+      const err = toConnectError(e);
+      this.log.error({ err: e, agent_id: this.agentId }, "agent message failed");
+      this.send({ type: "error", code: wsCodeOf(err.code), message: err.rawMessage });
+    });
+    return this.chain;
+  }
+
+  /** Refuses a frame the transport could not decode at all. */
+  reject(reason: string): void {
+    this.send({ type: "error", code: "invalid_argument", message: reason });
+  }
+
+  private async handle(input: unknown): Promise<void> {
+    const parsed = parseAgentMessage(input);
+    if (!parsed.ok) {
+      this.reject(parsed.reason);
+      return;
+    }
+    const message = parsed.message;
+    const step = sessionStep(this.state, message.type);
+    if (!step.ok) {
+      this.send({ type: "error", code: step.code, message: step.message });
+      return;
+    }
+    this.lastSeen = this.deps.clock();
+    this.heartbeatTimer?.refresh();
+    switch (message.type) {
+      case "register":
+        return this.register(message);
+      case "heartbeat":
+        this.send({ type: "heartbeat_ack" });
+        await this.deps.agents.touchHeartbeat(this.agentId, this.lastSeen).catch((e: unknown) => this.log.warn({ err: e }, "could not record heartbeat"));
+        return;
+      case "task_complete":
+        return this.complete(message);
+      case "task_failed":
+        return this.fail(message);
+    }
+  }
+
+  private async register(message: Extract<AgentMessage, { type: "register" }>): Promise<void> {
+    this.agentId = message.agentId || randomUUID();
+    this.agentName = message.agentName || this.agentId;
+    this.agentType = message.agentType || "generic";
+    this.declaredCapabilities = [...new Set(message.capabilities ?? [])];
+    this.capabilities = this.declaredCapabilities.length > 0 ? this.declaredCapabilities : TASK_TYPES;
+    this.maxConcurrency = message.maxConcurrency || 1;
+    this.log = this.log.child({ agent_id: this.agentId });
+    await this.deps.agents.upsertConnected(
+      {
+        agentId: this.agentId,
+        agentName: this.agentName,
+        agentType: this.agentType,
+        capabilities: [...this.declaredCapabilities],
+        maxConcurrency: this.maxConcurrency,
+      },
+      this.lastSeen,
+    );
+    this.state = "active";
+    this.send({ type: "registration_ack", agentId: this.agentId, heartbeatIntervalMs: this.deps.heartbeatIntervalMs });
+    this.log.info({ capabilities: this.declaredCapabilities, max_concurrency: this.maxConcurrency }, "agent registered");
+    this.deps.registry.attach(this);
+  }
+
+  /** Called by the dispatcher after the task was assigned to this agent in the database. */
+  deliver(task: TaskRecord): void {
+    this.held.set(task.taskId, task);
+    this.send({ type: "task_assignment", task });
+    this.log.info({ task_id: task.taskId, attempt: task.attempt, correlation_id: task.correlationId }, "task assigned");
+  }
+
+  /** The task was cancelled elsewhere: tell the agent and free the slot. */
+  cancelled(taskId: string): void {
+    if (!this.held.delete(taskId)) return;
+    this.send({ type: "task_cancelled", taskId });
+    this.slotFreed();
+  }
+
+  private async complete(message: Extract<AgentMessage, { type: "task_complete" }>): Promise<void> {
+    const lease = this.held.get(message.taskId);
+    const attempt = message.attempt || lease?.attempt || 0;
+    const done = lease
+      ? await this.deps.tasks.complete(message.taskId, this.agentId, attempt, message.result, this.deps.clock())
+      : null;
+    if (done) {
+      this.held.delete(message.taskId);
+      this.send({ type: "completion_ack", taskId: message.taskId });
+      this.log.info({ task_id: message.taskId, attempt, correlation_id: done.correlationId }, "task completed");
+      this.deps.events.publish(done);
+      this.slotFreed();
+      return;
+    }
+    await this.refuseResult(message.taskId, attempt, "completed");
+  }
+
+  private async fail(message: Extract<AgentMessage, { type: "task_failed" }>): Promise<void> {
+    const lease = this.held.get(message.taskId);
+    const attempt = message.attempt || lease?.attempt || 0;
+    // Retries with backoff are not built yet: every reported failure is final.
+    const failed = lease
+      ? await this.deps.tasks.fail(message.taskId, this.agentId, attempt, message.error || "task failed", this.deps.clock())
+      : null;
+    if (failed) {
+      this.held.delete(message.taskId);
+      this.send({ type: "completion_ack", taskId: message.taskId });
+      this.log.info({ task_id: message.taskId, attempt, error: message.error, correlation_id: failed.correlationId }, "task failed");
+      this.deps.events.publish(failed);
+      this.slotFreed();
+      return;
+    }
+    await this.refuseResult(message.taskId, attempt, "failed");
+  }
+
+  /**
+   * A result from anyone but the current lease holder changes nothing. A
+   * repeat of a result this agent already recorded is acknowledged again.
+   */
+  private async refuseResult(taskId: string, attempt: number, outcome: "completed" | "failed"): Promise<void> {
+    const task = await this.deps.tasks.get(taskId);
+    if (task && task.status === outcome && task.agentId === this.agentId && (attempt === 0 || attempt === task.attempt)) {
+      this.send({ type: "completion_ack", taskId });
+      return;
+    }
+    if (this.held.has(taskId)) {
+      // Our lease is gone (e.g. cancelled in the same instant); forget it.
+      this.held.delete(taskId);
+      this.slotFreed();
+    }
+    const why = !task
+      ? `task ${taskId} does not exist`
+      : task.agentId !== this.agentId || task.status === "pending"
+        ? `task ${taskId} is not assigned to this agent`
+        : attempt !== 0 && attempt !== task.attempt
+          ? `attempt ${attempt} of task ${taskId} is not the current attempt (${task.attempt})`
+          : `task ${taskId} is ${task.status}`;
+    this.log.warn({ task_id: taskId, attempt, status: task?.status }, `result refused: ${why}`);
+    this.send({ type: "error", code: "failed_precondition", message: `result refused: ${why}`, taskId });
+  }
+
+  private slotFreed(): void {
+    if (this.held.size === 0) {
+      void this.deps.agents.setStatus(this.agentId, "idle", this.deps.clock()).catch((e: unknown) => this.log.warn({ err: e }, "could not mark agent idle"));
+    }
+    this.deps.registry.slotFreed();
+  }
+
+  private expire(): void {
+    this.log.warn({ agent_id: this.agentId, last_seen: this.lastSeen.toISOString() }, "agent missed its heartbeats; closing");
+    this.send({ type: "error", code: "deadline_exceeded", message: `no heartbeat for ${this.deps.heartbeatTimeoutMs} ms; session closed` });
+    void this.close("heartbeat timeout");
+  }
+
+  /**
+   * Ends the session: stops dispatch to it, gives up its leases (tasks go back
+   * to the queue with their original priority and place) and ends the stream.
+   * Safe to call more than once; the returned promise settles when done.
+   */
+  close(reason: string): Promise<void> {
+    if (this.state === "closed") return this.chain;
+    const wasActive = this.state === "active";
+    this.state = "closed";
+    clearTimeout(this.heartbeatTimer);
+    this.deps.registry.detach(this);
+    this.outlet.end(reason);
+    this.chain = this.chain.then(async () => {
+      if (!wasActive) return;
+      const now = this.deps.clock();
+      for (const task of this.held.values()) {
+        try {
+          const released = await this.deps.tasks.release(task.taskId, this.agentId, task.attempt, reason, now);
+          if (!released) continue;
+          await this.deps.queue.enqueue({ taskId: released.taskId, taskType: released.taskType, priority: released.priority, seq: released.seq });
+          this.log.info({ task_id: task.taskId, attempt: task.attempt, reason }, "task re-queued");
+          this.deps.events.publish(released);
+        } catch (e: unknown) {
+          // The row says PENDING or ASSIGNED; the start-up rebuild re-queues it.
+          this.log.error({ err: e, task_id: task.taskId }, "could not re-queue task of closed session");
+        }
+      }
+      this.held.clear();
+      await this.deps.agents.setStatus(this.agentId, "disconnected", now).catch((e: unknown) => this.log.warn({ err: e }, "could not mark agent disconnected"));
+      this.log.info({ reason }, "agent session closed");
+    });
+    return this.chain;
+  }
+
+  private send(message: ServerMessage): void {
+    if (this.state === "closed" && message.type !== "error") return;
+    this.outlet.send(message);
+  }
+}

@@ -1,0 +1,155 @@
+import type { Logger } from "../telemetry/logger.js";
+import type { PriorityQueue } from "../queue/priority-queue.js";
+import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
+import type { TaskEvents } from "../tasks/task-events.js";
+import type { LatencyWindow } from "../metrics/latency-window.js";
+import type { AgentSession } from "./agent-session.js";
+
+export interface DispatcherOptions {
+  tasks: TaskRepository;
+  agents: AgentRepository;
+  queue: PriorityQueue;
+  events: TaskEvents;
+  log: Logger;
+  clock: () => Date;
+  latency: LatencyWindow;
+  /** Back-off before retrying a dispatch pass that failed on the database or queue. */
+  retryDelayMs?: number;
+}
+
+/**
+ * Owns this instance's live agent sessions and pushes queued work to them.
+ *
+ * Dispatch is event-driven: a pass runs when work is signalled (a task was
+ * queued here or on another instance), when an agent registers, and when a
+ * slot is freed. There is no polling interval on the dispatch path. Passes
+ * never overlap; a signal during a pass makes it run once more.
+ */
+export class Dispatcher {
+  private readonly sessions = new Map<string, AgentSession>();
+  private running = false;
+  private again = false;
+  private stopped = false;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private readonly unsubscribe: Array<() => void>;
+
+  constructor(private readonly o: DispatcherOptions) {
+    this.unsubscribe = [
+      o.queue.onAvailable(() => this.kick()),
+      // A task cancelled while held here: tell its agent and free the slot.
+      o.events.subscribeAll((task) => {
+        if (task.status === "cancelled" && task.agentId) this.sessions.get(task.agentId)?.cancelled(task.taskId);
+      }),
+    ];
+  }
+
+  /** Live sessions on this instance. */
+  list(): AgentSession[] {
+    return [...this.sessions.values()];
+  }
+
+  attach(session: AgentSession): void {
+    const previous = this.sessions.get(session.agentId);
+    this.sessions.set(session.agentId, session);
+    if (previous && previous !== session) {
+      // The same agent id connected again: the newest stream wins and the
+      // old one's leases go back to the queue.
+      this.o.log.warn({ agent_id: session.agentId }, "agent reconnected; closing its previous session");
+      void previous.close("replaced by a new session");
+    }
+    this.kick();
+  }
+
+  detach(session: AgentSession): void {
+    if (this.sessions.get(session.agentId) === session) this.sessions.delete(session.agentId);
+  }
+
+  slotFreed(): void {
+    this.kick();
+  }
+
+  /** Requests a dispatch pass. */
+  kick(): void {
+    if (this.stopped) return;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = true;
+    void this.run();
+  }
+
+  private async run(): Promise<void> {
+    try {
+      do {
+        this.again = false;
+        await this.pass();
+      } while (this.again && !this.stopped);
+    } catch (e: unknown) {
+      this.o.log.warn({ err: e }, "dispatch pass failed; retrying shortly");
+      this.retryTimer ??= setTimeout(() => {
+        this.retryTimer = undefined;
+        this.kick();
+      }, this.o.retryDelayMs ?? 1000);
+    } finally {
+      this.running = false;
+    }
+  }
+
+  /**
+   * Round-robin over sessions with free slots, one task each per round, until
+   * a round hands out nothing: keeps agents evenly loaded.
+   */
+  private async pass(): Promise<void> {
+    let candidates = [...this.sessions.values()].filter((s) => s.freeSlots > 0);
+    while (candidates.length > 0 && !this.stopped) {
+      const stillHungry: AgentSession[] = [];
+      for (const session of candidates) {
+        if (session.freeSlots <= 0) continue;
+        if (await this.assignOne(session)) {
+          if (session.freeSlots > 0) stillHungry.push(session);
+        }
+      }
+      candidates = stillHungry;
+    }
+  }
+
+  /** Claims the best task this session can take and leases it. */
+  private async assignOne(session: AgentSession): Promise<boolean> {
+    for (;;) {
+      const entry = await this.o.queue.claim(session.capabilities);
+      if (!entry) return false;
+      const now = this.o.clock();
+      let task;
+      try {
+        task = await this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId);
+      } catch (e: unknown) {
+        // Put the entry back before giving up the pass, or it would be lost
+        // from the index until the next rebuild.
+        await this.o.queue.enqueue(entry).catch(() => undefined);
+        throw e;
+      }
+      // Not PENDING any more (cancelled, or a stale entry): drop it and try the next.
+      if (!task) continue;
+      if (session.freeSlots <= 0) {
+        // The session closed while we were assigning: give the lease straight back.
+        const back = await this.o.tasks.release(task.taskId, session.agentId, task.attempt, "agent went away during assignment", now);
+        if (back) await this.o.queue.enqueue(entry);
+        return false;
+      }
+      if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
+      const wasIdle = session.held.size === 0;
+      session.deliver(task);
+      this.o.events.publish(task);
+      if (wasIdle) void this.o.agents.setStatus(session.agentId, "busy", now).catch(() => undefined);
+      return true;
+    }
+  }
+
+  /** Stops dispatching; sessions are closed by their transports. Safe twice. */
+  close(): void {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
+    for (const u of this.unsubscribe.splice(0)) u();
+  }
+}

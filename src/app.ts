@@ -1,0 +1,172 @@
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from "fastify";
+import fastifyWebsocket from "@fastify/websocket";
+import { fastifyConnectPlugin } from "@connectrpc/connect-fastify";
+import { createContextValues } from "@connectrpc/connect";
+import { file_aaos_v1_task_service } from "../gen/aaos/v1/task_service_pb.js";
+import { file_aaos_v1_agent_service } from "../gen/aaos/v1/agent_service_pb.js";
+import { file_aaos_v1_metrics_service } from "../gen/aaos/v1/metrics_service_pb.js";
+import { file_grpc_health_v1_health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
+import type { Config } from "./config/config.js";
+import type { Logger } from "./telemetry/logger.js";
+import { CORRELATION_HEADER, correlationIdFrom } from "./telemetry/correlation.js";
+import type { Persistence } from "./persistence/orm.js";
+import type { PriorityQueue } from "./queue/priority-queue.js";
+import { createLocalTaskEvents } from "./tasks/task-events.js";
+import { createTaskService } from "./tasks/task-service.js";
+import { AgentSession } from "./agents/agent-session.js";
+import { Dispatcher } from "./agents/dispatcher.js";
+import { createAgentService } from "./agents/agent-service.js";
+import { LatencyWindow } from "./metrics/latency-window.js";
+import { createMetricsService } from "./metrics/metrics-service.js";
+import { createSinglePortServer, type SinglePortServer } from "./transport/single-port.js";
+import { connectRoutes, errorInterceptor, requestContextKey } from "./transport/connect/routes.js";
+import { createHealthService } from "./transport/connect/health-service.js";
+import { restRoutes } from "./transport/rest/routes.js";
+import { wsRoute } from "./transport/ws/ws-route.js";
+import type { AppServices } from "./transport/services.js";
+
+export interface AppDeps {
+  config: Config;
+  log: Logger;
+  /** Owned by the app from here on: closed when the app closes. */
+  persistence: Persistence;
+  /** Owned by the app from here on: closed when the app closes. */
+  queue: PriorityQueue;
+  version: string;
+  /** True when this instance is the only one (in-process queue): it may reclaim every orphaned lease at start. */
+  singleInstance: boolean;
+  clock?: () => Date;
+}
+
+export interface App {
+  fastify: FastifyInstance;
+  services: AppServices;
+  dispatcher: Dispatcher;
+  /** Stops new work, ends agent sessions (their tasks re-queued), closes connections and backends. Safe twice. */
+  close(): Promise<void>;
+}
+
+/** Reason given to agents whose session ends because the server stops. */
+export const SERVER_SHUTDOWN = "server shutting down";
+
+/**
+ * Rebuilds the queue from the database, the source of truth: every PENDING
+ * task is (re)indexed in priority/FIFO order. A single instance also takes
+ * back leases held by agents of its previous life, since none can be alive.
+ */
+async function recover(deps: AppDeps, clock: () => Date): Promise<void> {
+  const { persistence, queue, log } = deps;
+  if (deps.singleInstance) {
+    const now = clock();
+    await persistence.agents.markAllDisconnected(now);
+    for (const t of await persistence.tasks.listAssigned()) {
+      await persistence.tasks.release(t.taskId, t.agentId ?? "", t.attempt, "orchestrator restarted", now);
+    }
+  }
+  const runnable = await persistence.tasks.listRunnable();
+  await queue.reconcile(
+    runnable.map((t) => ({ taskId: t.taskId, taskType: t.taskType, priority: t.priority, seq: t.seq })),
+    await persistence.tasks.maxSeq(),
+  );
+  log.info({ runnable: runnable.length }, "queue rebuilt from the database");
+}
+
+/**
+ * Builds the whole service on one Fastify instance without listening, so
+ * tests run exactly what `main` runs on port 0.
+ */
+export async function buildApp(deps: AppDeps): Promise<App> {
+  const { config, log, persistence, queue } = deps;
+  const clock = deps.clock ?? (() => new Date());
+  await recover(deps, clock);
+
+  const events = createLocalTaskEvents();
+  const latency = new LatencyWindow();
+  const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency });
+  const sessionDeps = {
+    tasks: persistence.tasks,
+    agents: persistence.agents,
+    queue,
+    events,
+    log,
+    clock,
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    heartbeatTimeoutMs: config.heartbeatTimeoutMs,
+    registry: dispatcher,
+  };
+  const services: AppServices = {
+    tasks: createTaskService({ tasks: persistence.tasks, queue, events, log, clock }),
+    agents: createAgentService({ agents: persistence.agents, dispatcher }),
+    metrics: createMetricsService({
+      tasks: persistence.tasks,
+      queue,
+      dispatcher,
+      latency,
+      pingDatabase: () => persistence.ping(),
+      clock,
+      startedAt: clock(),
+    }),
+    openSession: (transport, outlet, correlationId) => new AgentSession(sessionDeps, transport, outlet, correlationId),
+  };
+  const health = createHealthService();
+
+  let ports: SinglePortServer | undefined;
+  const fastify = Fastify({
+    loggerInstance: log as FastifyBaseLogger,
+    // Request-scoped log lines carry the correlation ID under one name; the
+    // per-request access lines are left out (the domain logs what happened).
+    logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: "correlation_id" }),
+    genReqId: (req) => correlationIdFrom(req.headers[CORRELATION_HEADER]),
+    bodyLimit: config.maxMessageBytes,
+    serverFactory: (handler) => {
+      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, log });
+      return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
+    },
+  });
+  // Echo the correlation ID on every response, whatever the protocol.
+  fastify.addHook("onRequest", async (req, reply) => {
+    reply.raw.setHeader(CORRELATION_HEADER, String(req.id));
+  });
+
+  await fastify.register(fastifyWebsocket, { options: { maxPayload: config.maxMessageBytes } });
+  await fastify.register(fastifyConnectPlugin, {
+    routes: connectRoutes({
+      services,
+      log,
+      health,
+      reflectionFiles: [file_aaos_v1_task_service, file_aaos_v1_agent_service, file_aaos_v1_metrics_service, file_grpc_health_v1_health],
+    }),
+    interceptors: [errorInterceptor(log)],
+    readMaxBytes: config.maxMessageBytes,
+    shutdownTimeoutMs: config.shutdownGraceMs,
+    contextValues: (req) =>
+      createContextValues().set(requestContextKey, { correlationId: String(req.id), log: req.log }),
+  });
+  restRoutes(fastify, services, deps.version);
+  wsRoute(fastify, services);
+
+  let forceTimer: NodeJS.Timeout | undefined;
+  fastify.addHook("preClose", async () => {
+    health.shutdown();
+    dispatcher.close();
+    // Ending sessions first re-queues their tasks while the database is open.
+    await Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN)));
+    ports?.drain();
+    forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
+    forceTimer.unref();
+  });
+  fastify.addHook("onClose", async () => {
+    clearTimeout(forceTimer);
+    await queue.close();
+    await persistence.close();
+  });
+
+  health.setStatus("", HealthCheckResponse_ServingStatus.SERVING);
+  let closing: Promise<void> | undefined;
+  return {
+    fastify,
+    services,
+    dispatcher,
+    close: () => (closing ??= fastify.close()),
+  };
+}

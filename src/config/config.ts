@@ -1,0 +1,97 @@
+import { z } from "zod";
+
+const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
+
+const durationMs = (fallback: number) => z.coerce.number().int().positive().default(fallback);
+
+/**
+ * The environment, validated. Unknown variables are ignored; a bad value stops
+ * the start with a message naming the variable (see {@link loadConfig}).
+ */
+const ConfigSchema = z
+  .object({
+    PORT: z.coerce.number().int().min(0).max(65535).default(8000),
+    HOST: z.string().min(1).default("0.0.0.0"),
+    /** `postgresql://…`, or a SQLite file (`sqlite:path`, the seed's `sqlite:///path`). */
+    DATABASE_URL: z
+      .string()
+      .default("sqlite:./data/aaos.db")
+      .refine((v) => /^(postgres(ql)?:\/\/|sqlite:)/.test(v), {
+        message: "must start with postgresql://, postgres:// or sqlite:",
+      }),
+    /** Unset: the in-process queue (single instance). */
+    REDIS_URL: z
+      .string()
+      .refine((v) => /^rediss?:\/\//.test(v), { message: "must start with redis:// or rediss://" })
+      .optional(),
+    /** Hash-tagged key prefix, so several deployments can share one Redis. */
+    REDIS_PREFIX: z.string().regex(/^[A-Za-z0-9_.:-]+$/).default("aaos"),
+    LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
+    HEARTBEAT_INTERVAL_MS: durationMs(10_000),
+    /** An agent silent for longer than this is closed and its tasks re-queued. */
+    HEARTBEAT_TIMEOUT_MS: durationMs(30_000),
+    /** How long a new connection may take to show whether it speaks HTTP/2 or HTTP/1.1. */
+    SNIFF_TIMEOUT_MS: durationMs(10_000),
+    /** How long shutdown waits for in-flight requests before closing them. */
+    SHUTDOWN_GRACE_MS: durationMs(10_000),
+    /** Largest gRPC/Connect message, REST body and WebSocket frame accepted. */
+    MAX_MESSAGE_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
+  })
+  .refine((c) => c.HEARTBEAT_TIMEOUT_MS > c.HEARTBEAT_INTERVAL_MS, {
+    message: "must be greater than HEARTBEAT_INTERVAL_MS",
+    path: ["HEARTBEAT_TIMEOUT_MS"],
+  });
+
+export interface Config {
+  readonly port: number;
+  readonly host: string;
+  readonly databaseUrl: string;
+  readonly redisUrl: string | undefined;
+  readonly redisPrefix: string;
+  readonly logLevel: (typeof LOG_LEVELS)[number];
+  readonly heartbeatIntervalMs: number;
+  readonly heartbeatTimeoutMs: number;
+  readonly sniffTimeoutMs: number;
+  readonly shutdownGraceMs: number;
+  readonly maxMessageBytes: number;
+}
+
+/** Thrown for invalid configuration; its message names every bad variable. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** The seed wrote SQLite URLs as `sqlite:///./aaos.db`; accept that spelling too. */
+function normaliseDatabaseUrl(url: string): string {
+  return url.startsWith("sqlite:///") ? `sqlite:${url.slice("sqlite:///".length)}` : url;
+}
+
+/**
+ * Reads the configuration from `env` (the composition root passes
+ * `process.env`; tests pass plain objects). Empty strings count as unset.
+ */
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const present = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ""));
+  const parsed = ConfigSchema.safeParse(present);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((i) => {
+      const name = String(i.path[0] ?? "config");
+      return `${name}: ${i.message}${present[name] === undefined ? "" : ` (got ${JSON.stringify(present[name])})`}`;
+    });
+    throw new ConfigError(`invalid configuration:\n  ${problems.join("\n  ")}`);
+  }
+  const c = parsed.data;
+  return Object.freeze({
+    port: c.PORT,
+    host: c.HOST,
+    databaseUrl: normaliseDatabaseUrl(c.DATABASE_URL),
+    redisUrl: c.REDIS_URL,
+    redisPrefix: c.REDIS_PREFIX,
+    logLevel: c.LOG_LEVEL,
+    heartbeatIntervalMs: c.HEARTBEAT_INTERVAL_MS,
+    heartbeatTimeoutMs: c.HEARTBEAT_TIMEOUT_MS,
+    sniffTimeoutMs: c.SNIFF_TIMEOUT_MS,
+    shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
+    maxMessageBytes: c.MAX_MESSAGE_BYTES,
+  });
+}

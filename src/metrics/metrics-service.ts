@@ -1,0 +1,82 @@
+import type { PriorityQueue, QueueDepth } from "../queue/priority-queue.js";
+import type { TaskRepository } from "../tasks/task-repository.js";
+import type { TaskStatus } from "../tasks/task-types.js";
+import type { Dispatcher } from "../agents/dispatcher.js";
+import { toConnectError } from "../errors/errors.js";
+import type { LatencyWindow } from "./latency-window.js";
+
+export interface MetricsSnapshot {
+  tasks: Record<TaskStatus, number> & { total: number };
+  queueDepth: QueueDepth;
+  agents: { connected: number; idle: number; busy: number };
+  completedPerMinute: number;
+  dispatchLatency: { p50Ms: number; p90Ms: number; p99Ms: number; samples: number };
+  uptimeSeconds: number;
+}
+
+export interface HealthReport {
+  healthy: boolean;
+  components: { database: string; queue: string };
+}
+
+export type MetricsService = ReturnType<typeof createMetricsService>;
+
+const HEALTH_TIMEOUT_MS = 2000;
+
+/** Resolves "ok", or the reason the check failed or took too long. */
+async function probe(check: () => Promise<void>): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<string>((resolve) => {
+    timer = setTimeout(() => resolve(`no answer within ${HEALTH_TIMEOUT_MS} ms`), HEALTH_TIMEOUT_MS);
+  });
+  try {
+    return await Promise.race([
+      check().then(
+        () => "ok",
+        (e: unknown) => `unavailable: ${e instanceof Error ? e.message : String(e)}`,
+      ),
+      timeout,
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The figures behind GET /metrics and GetMetrics, and the health report. */
+export function createMetricsService(o: {
+  tasks: TaskRepository;
+  queue: PriorityQueue;
+  dispatcher: Dispatcher;
+  latency: LatencyWindow;
+  pingDatabase: () => Promise<void>;
+  clock: () => Date;
+  startedAt: Date;
+}) {
+  return {
+    async snapshot(): Promise<MetricsSnapshot> {
+      const now = o.clock();
+      const [counts, queueDepth, completedLastMinute] = await Promise.all([
+        o.tasks.countByStatus(),
+        o.queue.depth(),
+        o.tasks.countCompletedSince(new Date(now.getTime() - 60_000)),
+      ]).catch((e: unknown) => Promise.reject(toConnectError(e)));
+      const sessions = o.dispatcher.list();
+      const busy = sessions.filter((s) => s.held.size > 0).length;
+      const p = o.latency.percentiles();
+      const total = Object.values(counts).reduce((a, b) => a + b, 0);
+      return {
+        tasks: { ...counts, total },
+        queueDepth,
+        agents: { connected: sessions.length, idle: sessions.length - busy, busy },
+        completedPerMinute: completedLastMinute,
+        dispatchLatency: { p50Ms: p.p50, p90Ms: p.p90, p99Ms: p.p99, samples: p.samples },
+        uptimeSeconds: (now.getTime() - o.startedAt.getTime()) / 1000,
+      };
+    },
+
+    async health(): Promise<HealthReport> {
+      const [database, queue] = await Promise.all([probe(o.pingDatabase), probe(() => o.queue.ping())]);
+      return { healthy: database === "ok" && queue === "ok", components: { database, queue } };
+    },
+  };
+}

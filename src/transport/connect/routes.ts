@@ -1,0 +1,145 @@
+import { Code, ConnectError, createContextKey, type ConnectRouter, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import { TaskService } from "../../../gen/aaos/v1/task_service_pb.js";
+import { AgentService } from "../../../gen/aaos/v1/agent_service_pb.js";
+import { MetricsService } from "../../../gen/aaos/v1/metrics_service_pb.js";
+import { Health } from "../../../gen/grpc/health/v1/health_pb.js";
+import { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
+import { ServerReflection as ReflectionV1alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
+import type { DescFile } from "@bufbuild/protobuf";
+import type { Logger } from "../../telemetry/logger.js";
+import type { RequestContext } from "../../tasks/task-service.js";
+import { invalidArgument, toConnectError, unimplemented } from "../../errors/errors.js";
+import type { AppServices } from "../services.js";
+import { Channel } from "../channel.js";
+import { agentToPb, metricsToPb, taskStatusFromPb, taskToPb, taskTypeFilterFromPb, taskTypeFromPb } from "./mappers.js";
+import { decodeSessionRequest, encodeSessionResponse } from "./session-codec.js";
+import { createHealthService } from "./health-service.js";
+import { createReflectionServices } from "./reflection-service.js";
+
+/** Correlation ID and request logger, put in place by the HTTP layer. */
+export const requestContextKey = createContextKey<RequestContext | undefined>(undefined, { description: "aaos request context" });
+
+function requestContext(ctx: HandlerContext, fallback: Logger): RequestContext {
+  return ctx.values.get(requestContextKey) ?? { correlationId: "", log: fallback, signal: ctx.signal };
+}
+
+/**
+ * Maps every error leaving a handler to the shared vocabulary: infrastructure
+ * failures become UNAVAILABLE, and anything unexpected INTERNAL with its cause
+ * logged, never sent. Covers streams that fail mid-way too.
+ */
+export function errorInterceptor(log: Logger): Interceptor {
+  const map = (e: unknown): ConnectError => {
+    const err = toConnectError(e);
+    if (err.code === Code.Internal || err.code === Code.Unknown) log.error({ err: e }, "request failed");
+    return err;
+  };
+  return (next) => async (req) => {
+    try {
+      const res = await next(req);
+      if (!res.stream) return res;
+      const source = res.message;
+      return {
+        ...res,
+        message: (async function* () {
+          try {
+            yield* source;
+          } catch (e: unknown) {
+            throw map(e);
+          }
+        })(),
+      };
+    } catch (e: unknown) {
+      throw map(e);
+    }
+  };
+}
+
+/** Files served by gRPC reflection, so tools work without our proto files. */
+export interface ConnectRoutesOptions {
+  services: AppServices;
+  log: Logger;
+  reflectionFiles: DescFile[];
+  health: ReturnType<typeof createHealthService>;
+}
+
+/** Registers every RPC service on the router. Handlers only translate. */
+export function connectRoutes({ services, log, reflectionFiles, health }: ConnectRoutesOptions) {
+  const reflection = createReflectionServices(reflectionFiles);
+  return (router: ConnectRouter) => {
+    router.service(TaskService, {
+      async createTask(req, ctx) {
+        if (req.idempotencyKey) throw unimplemented("idempotency_key is not supported yet");
+        if (req.webhookUrl) throw unimplemented("webhook_url is not supported yet");
+        const task = await services.tasks.create(
+          {
+            taskType: taskTypeFromPb(req.taskType),
+            description: req.description,
+            priority: req.priority,
+            metadata: req.metadata,
+            maxAttempts: req.maxAttempts,
+          },
+          requestContext(ctx, log),
+        );
+        return { task: taskToPb(task) };
+      },
+      async getTask(req) {
+        return { task: taskToPb(await services.tasks.get(req.taskId)) };
+      },
+      async listTasks(req) {
+        const status = taskStatusFromPb(req.status);
+        const taskType = taskTypeFilterFromPb(req.taskType);
+        if (status === null) throw invalidArgument(["status"], `unknown status value ${req.status}`);
+        if (taskType === null) throw invalidArgument(["task_type"], `unknown task_type value ${req.taskType}`);
+        if (req.pageSize < 0) throw invalidArgument(["page_size"], "must not be negative");
+        const page = await services.tasks.list({ status, taskType, pageSize: req.pageSize, pageToken: req.pageToken || undefined });
+        return { tasks: page.tasks.map(taskToPb), nextPageToken: page.nextPageToken };
+      },
+      async cancelTask(req, ctx) {
+        return { task: taskToPb(await services.tasks.cancel(req.taskId, requestContext(ctx, log))) };
+      },
+      async *watchTask(req, ctx) {
+        for await (const task of services.tasks.watch(req.taskId, ctx.signal)) yield { task: taskToPb(task) };
+      },
+    });
+
+    router.service(AgentService, {
+      async *session(requests, ctx) {
+        const rc = requestContext(ctx, log);
+        const out = new Channel<ReturnType<typeof encodeSessionResponse>>();
+        const session = services.openSession("grpc", { send: (m) => out.push(encodeSessionResponse(m)), end: () => out.end() }, rc.correlationId);
+        const onAbort = () => void session.close("stream aborted");
+        ctx.signal.addEventListener("abort", onAbort);
+        void (async () => {
+          try {
+            for await (const req of requests) {
+              const decoded = decodeSessionRequest(req);
+              if (decoded.ok) await session.receive(decoded.message);
+              else session.reject(decoded.reason);
+            }
+            await session.close("agent ended the stream");
+          } catch (e: unknown) {
+            rc.log.info({ err: e }, "agent stream broke");
+            await session.close("stream broke");
+          } finally {
+            ctx.signal.removeEventListener("abort", onAbort);
+          }
+        })();
+        yield* out;
+      },
+      async listAgents(req) {
+        return { agents: (await services.agents.list(req.includeDisconnected)).map(agentToPb) };
+      },
+    });
+
+    router.service(MetricsService, {
+      async getMetrics() {
+        return metricsToPb(await services.metrics.snapshot());
+      },
+    });
+
+    router.service(Health, health.impl);
+    router.service(ReflectionV1, reflection.v1);
+    router.service(ReflectionV1alpha, reflection.v1alpha);
+  };
+}

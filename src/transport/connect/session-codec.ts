@@ -1,0 +1,56 @@
+import { create } from "@bufbuild/protobuf";
+import { SessionResponseSchema, type SessionRequest, type SessionResponse } from "../../../gen/aaos/v1/agent_service_pb.js";
+import { TaskType as PbTaskType } from "../../../gen/aaos/v1/task_pb.js";
+import type { ServerMessage } from "../../agents/agent-messages.js";
+import { taskToPb, taskTypeFromPb } from "./mappers.js";
+
+/**
+ * SessionRequest → the shape the session validates, or a reason it is not a
+ * message at all. Unknown enum numbers are passed through as text so the
+ * session's validation names them.
+ */
+export function decodeSessionRequest(req: SessionRequest): { ok: true; message: unknown } | { ok: false; reason: string } {
+  const k = req.kind;
+  switch (k.case) {
+    case "register":
+      return {
+        ok: true,
+        message: {
+          type: "register",
+          agentId: k.value.agentId,
+          agentName: k.value.agentName,
+          agentType: k.value.agentType,
+          capabilities: k.value.capabilities.map((c) => (c === PbTaskType.UNSPECIFIED ? "TASK_TYPE_UNSPECIFIED" : taskTypeFromPb(c))),
+          maxConcurrency: k.value.maxConcurrency,
+        },
+      };
+    case "heartbeat":
+      return { ok: true, message: { type: "heartbeat" } };
+    case "taskComplete":
+      return { ok: true, message: { type: "task_complete", taskId: k.value.taskId, result: k.value.result ?? {}, attempt: k.value.attempt } };
+    case "taskFailed":
+      return {
+        ok: true,
+        message: { type: "task_failed", taskId: k.value.taskId, error: k.value.error, retryable: k.value.retryable, attempt: k.value.attempt },
+      };
+    default:
+      return { ok: false, reason: "empty message: set one of register, heartbeat, task_complete, task_failed" };
+  }
+}
+
+export function encodeSessionResponse(m: ServerMessage): SessionResponse {
+  switch (m.type) {
+    case "registration_ack":
+      return create(SessionResponseSchema, { kind: { case: "registrationAck", value: { agentId: m.agentId, heartbeatIntervalMs: m.heartbeatIntervalMs } } });
+    case "task_assignment":
+      return create(SessionResponseSchema, { kind: { case: "taskAssignment", value: { task: taskToPb(m.task) } } });
+    case "heartbeat_ack":
+      return create(SessionResponseSchema, { kind: { case: "heartbeatAck", value: {} } });
+    case "completion_ack":
+      return create(SessionResponseSchema, { kind: { case: "completionAck", value: { taskId: m.taskId } } });
+    case "task_cancelled":
+      return create(SessionResponseSchema, { kind: { case: "taskCancelled", value: { taskId: m.taskId } } });
+    case "error":
+      return create(SessionResponseSchema, { kind: { case: "error", value: { code: m.code, message: m.message, taskId: m.taskId ?? "" } } });
+  }
+}

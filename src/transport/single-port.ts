@@ -1,0 +1,83 @@
+import http from "node:http";
+import http2 from "node:http2";
+import net from "node:net";
+import type { Logger } from "../telemetry/logger.js";
+
+const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+
+export interface SinglePortServer {
+  /** The listening server handed to Fastify. */
+  server: net.Server;
+  /** Ends idle HTTP/1.1 connections and sends GOAWAY on HTTP/2 sessions. */
+  drain(): void;
+  /** Destroys every remaining connection. */
+  destroyAll(): void;
+}
+
+/**
+ * One port for HTTP/2 cleartext (gRPC, Connect, gRPC-Web) and HTTP/1.1
+ * (REST, /ws, Connect, gRPC-Web): the first bytes decide. Node's h2c server
+ * has no HTTP/1.1 fallback, so we read just enough to compare with the
+ * HTTP/2 connection preface, put the bytes back, and hand the socket over. A
+ * client that sends nothing within `sniffTimeoutMs` is dropped, and at most
+ * 24 bytes are ever buffered.
+ */
+export function createSinglePortServer(
+  handler: http.RequestListener,
+  options: { sniffTimeoutMs: number; log: Logger },
+): SinglePortServer {
+  const h1 = http.createServer(handler);
+  const h2 = http2.createServer({}, handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
+  const sockets = new Set<net.Socket>();
+  const sessions = new Set<http2.Http2Session>();
+  h2.on("session", (s) => {
+    sessions.add(s);
+    s.once("close", () => sessions.delete(s));
+  });
+  h2.on("sessionError", (e) => options.log.debug({ err: e }, "http/2 session error"));
+  h1.on("clientError", (e, socket) => {
+    options.log.debug({ err: e }, "http/1.1 client error");
+    if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
+    else socket.destroy();
+  });
+
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.once("close", () => sockets.delete(socket));
+    socket.on("error", () => socket.destroy());
+    let seen = Buffer.alloc(0);
+    const timer = setTimeout(() => socket.destroy(), options.sniffTimeoutMs);
+    const onData = (chunk: Buffer) => {
+      seen = Buffer.concat([seen, chunk]);
+      const n = Math.min(seen.length, PREFACE.length);
+      const matches = seen.subarray(0, n).equals(PREFACE.subarray(0, n));
+      if (matches && n < PREFACE.length) return; // need more bytes to decide
+      clearTimeout(timer);
+      socket.removeListener("data", onData);
+      socket.pause();
+      socket.unshift(seen);
+      if (matches) {
+        // HTTP/2 reads what is already buffered on the socket itself;
+        // resuming here would drop the preface on the floor.
+        h2.emit("connection", socket);
+      } else {
+        h1.emit("connection", socket);
+        socket.resume();
+      }
+    };
+    socket.on("data", onData);
+  });
+  // @fastify/websocket listens for upgrades on the server Fastify knows.
+  h1.on("upgrade", (req, socket, head) => server.emit("upgrade", req, socket, head));
+
+  return {
+    server,
+    drain() {
+      h1.closeIdleConnections();
+      for (const s of sessions) if (!s.closed) s.close();
+    },
+    destroyAll() {
+      for (const s of sockets) s.destroy();
+    },
+  };
+}

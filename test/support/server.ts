@@ -1,0 +1,123 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { Writable } from "node:stream";
+import type { AddressInfo } from "node:net";
+import pg from "pg";
+import { Redis } from "ioredis";
+import { buildApp, type App } from "../../src/app.js";
+import { loadConfig } from "../../src/config/config.js";
+import { createLogger } from "../../src/telemetry/logger.js";
+import { createPersistence, type Persistence } from "../../src/persistence/orm.js";
+import { createInProcessQueue } from "../../src/queue/in-process-queue.js";
+import { createRedisQueue } from "../../src/queue/redis-queue.js";
+import { TEST_POSTGRES_URL, TEST_REDIS_URL, postgresAvailable, redisAvailable, uniqueName } from "./services.js";
+
+export type BackendName = "embedded" | "postgres+redis";
+
+/** The backends every end-to-end scenario runs on; shared ones only when reachable. */
+export const BACKENDS: Array<{ name: BackendName; available: boolean }> = [
+  { name: "embedded", available: true },
+  { name: "postgres+redis", available: postgresAvailable && redisAvailable },
+];
+
+/** Every JSON log line the server wrote, parsed. */
+export class LogCapture extends Writable {
+  readonly lines: Array<Record<string, unknown>> = [];
+  override _write(chunk: Buffer, _enc: string, done: () => void): void {
+    for (const line of chunk.toString().split("\n")) if (line.trim()) this.lines.push(JSON.parse(line) as Record<string, unknown>);
+    done();
+  }
+}
+
+export interface TestServer {
+  app: App;
+  port: number;
+  baseUrl: string;
+  persistence: Persistence;
+  logs: LogCapture;
+  backend: BackendName;
+  /** Closes the app and removes its database schema / file and Redis keys. */
+  close(): Promise<void>;
+}
+
+export interface StartOptions {
+  env?: Record<string, string>;
+  /** Redis URL to use instead of the shared one (e.g. a private server a test kills). */
+  redisUrl?: string;
+}
+
+/**
+ * Starts the real service on 127.0.0.1:0 with the given backend: a fresh
+ * SQLite file and in-process queue, or a private PostgreSQL schema and Redis
+ * key prefix on the shared servers.
+ */
+export async function startServer(backend: BackendName, options: StartOptions = {}): Promise<TestServer> {
+  const logs = new LogCapture();
+  const log = createLogger({ level: "info", destination: logs });
+  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", ...options.env });
+  const cleanups: Array<() => Promise<void>> = [];
+  let persistence: Persistence;
+  let queue;
+  if (backend === "embedded") {
+    const dir = mkdtempSync(path.join(tmpdir(), "aaos-test-"));
+    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+    persistence = await createPersistence({ url: `sqlite:${path.join(dir, "aaos.db")}`, log });
+    queue = options.redisUrl ? createRedisQueue({ url: options.redisUrl, prefix: uniqueName("t"), log }) : createInProcessQueue();
+  } else {
+    const schema = uniqueName("aaos");
+    const prefix = uniqueName("t");
+    cleanups.push(async () => {
+      const client = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+      await client.connect();
+      await client.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      await client.end();
+    });
+    const redisUrl = options.redisUrl ?? TEST_REDIS_URL;
+    cleanups.push(async () => {
+      const redis = new Redis(redisUrl, { lazyConnect: true, maxRetriesPerRequest: 1 });
+      try {
+        await redis.connect();
+        const keys = await redis.keys(`{${prefix}}*`);
+        if (keys.length) await redis.del(...keys);
+      } catch {
+        // A private Redis the test already stopped has nothing left to clean.
+      } finally {
+        redis.disconnect();
+      }
+    });
+    persistence = await createPersistence({ url: TEST_POSTGRES_URL, schema, log });
+    queue = createRedisQueue({ url: redisUrl, prefix, log });
+  }
+  const app = await buildApp({ config, log, persistence, queue, version: "test", singleInstance: backend === "embedded" });
+  await app.fastify.listen({ port: 0, host: "127.0.0.1" });
+  const port = (app.fastify.server.address() as AddressInfo).port;
+  return {
+    app,
+    port,
+    baseUrl: `http://127.0.0.1:${port}`,
+    persistence,
+    logs,
+    backend,
+    async close() {
+      await app.close();
+      for (const c of cleanups) await c();
+    },
+  };
+}
+
+/** Polls `check` until it returns a truthy value (tests only; never in the service). */
+export async function eventually<T>(check: () => Promise<T> | T, timeoutMs = 10_000, what = "condition"): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await check();
+      if (v) return v as NonNullable<T>;
+    } catch (e: unknown) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ""}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
