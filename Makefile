@@ -19,11 +19,12 @@ start: build
 	node dist/src/main.js
 
 test: build lint check-generated
+	npx tsc -p tsconfig.test.json
+	@scripts/ensure-test-packages.sh
 	npx vitest run
 
 build: node_modules/.installed
 	npx tsc -p tsconfig.json
-	npx tsc -p tsconfig.test.json
 
 install: node_modules/.installed
 

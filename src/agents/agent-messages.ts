@@ -66,7 +66,7 @@ const AgentMessageSchema = z.discriminatedUnion("type", [
 export function parseAgentMessage(input: unknown): { ok: true; message: AgentMessage } | { ok: false; reason: string } {
   const parsed = AgentMessageSchema.safeParse(input);
   if (parsed.success) return { ok: true, message: parsed.data as AgentMessage };
-  const reason = violationsOf(parsed.error, "message")
+  const reason = violationsOf(parsed.error, "message", input)
     .map((v) => `${v.loc.slice(1).join(".") || "message"}: ${v.msg}`)
     .join("; ");
   return { ok: false, reason };

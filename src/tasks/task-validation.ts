@@ -78,23 +78,36 @@ export interface ValidCreateTask {
 
 const snakeCase = (name: string) => name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
 
-/** zod issues → FastAPI-style violations with snake_case field names under "body". */
-export function violationsOf(error: z.ZodError, root: string): Violation[] {
-  return error.issues.map((issue) => ({
-    loc: [root, ...issue.path.map((p) => (typeof p === "string" ? snakeCase(p) : Number(p)))],
-    msg: issue.message,
-    type: issue.code === "invalid_type" && issue.input === undefined ? "missing" : issue.code,
-  }));
+function valueAt(input: unknown, path: readonly PropertyKey[]): unknown {
+  let cur = input;
+  for (const key of path) cur = cur !== null && typeof cur === "object" ? (cur as Record<PropertyKey, unknown>)[key] : undefined;
+  return cur;
+}
+
+/**
+ * zod issues → FastAPI-style violations with snake_case field names under
+ * `root`. A field absent from `input` is reported as FastAPI does: "missing".
+ */
+export function violationsOf(error: z.ZodError, root: string, input?: unknown): Violation[] {
+  return error.issues.map((issue) => {
+    const missing = issue.path.length > 0 && valueAt(input, issue.path) === undefined;
+    return {
+      loc: [root, ...issue.path.map((p) => (typeof p === "string" ? snakeCase(p) : Number(p)))],
+      msg: missing ? "Field required" : issue.message,
+      type: missing ? "missing" : issue.code,
+    };
+  });
 }
 
 /** Validates a create request once, for every transport. */
 export function validateCreateTask(input: CreateTaskInput): ValidCreateTask {
-  const parsed = CreateTaskInputSchema.safeParse({
+  const candidate = {
     ...input,
     priority: input.priority ?? undefined,
     metadata: input.metadata ?? undefined,
     maxAttempts: input.maxAttempts ?? undefined,
-  });
-  if (!parsed.success) throw new ValidationError(violationsOf(parsed.error, "body"));
+  };
+  const parsed = CreateTaskInputSchema.safeParse(candidate);
+  if (!parsed.success) throw new ValidationError(violationsOf(parsed.error, "body", candidate));
   return parsed.data;
 }

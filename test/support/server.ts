@@ -37,6 +37,8 @@ export interface TestServer {
   persistence: Persistence;
   logs: LogCapture;
   backend: BackendName;
+  /** Where the data lives, for {@link StartOptions.shareWith}. */
+  data: { sqliteFile?: string; schema?: string; prefix?: string };
   /** Closes the app and removes its database schema / file and Redis keys. */
   close(): Promise<void>;
 }
@@ -45,6 +47,12 @@ export interface StartOptions {
   env?: Record<string, string>;
   /** Redis URL to use instead of the shared one (e.g. a private server a test kills). */
   redisUrl?: string;
+  /**
+   * Reuse another server's data (SQLite file, or PostgreSQL schema and Redis
+   * prefix) to test restarts and several instances; the data is then left for
+   * its owner to clean up.
+   */
+  shareWith?: TestServer;
 }
 
 /**
@@ -59,22 +67,30 @@ export async function startServer(backend: BackendName, options: StartOptions = 
   const cleanups: Array<() => Promise<void>> = [];
   let persistence: Persistence;
   let queue;
+  const shared = options.shareWith?.data;
+  let data: TestServer["data"];
   if (backend === "embedded") {
-    const dir = mkdtempSync(path.join(tmpdir(), "aaos-test-"));
-    cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
-    persistence = await createPersistence({ url: `sqlite:${path.join(dir, "aaos.db")}`, log });
+    let sqliteFile = shared?.sqliteFile;
+    if (!sqliteFile) {
+      const dir = mkdtempSync(path.join(tmpdir(), "aaos-test-"));
+      cleanups.push(async () => rmSync(dir, { recursive: true, force: true }));
+      sqliteFile = path.join(dir, "aaos.db");
+    }
+    data = { sqliteFile };
+    persistence = await createPersistence({ url: `sqlite:${sqliteFile}`, log });
     queue = options.redisUrl ? createRedisQueue({ url: options.redisUrl, prefix: uniqueName("t"), log }) : createInProcessQueue();
   } else {
-    const schema = uniqueName("aaos");
-    const prefix = uniqueName("t");
-    cleanups.push(async () => {
+    const schema = shared?.schema ?? uniqueName("aaos");
+    const prefix = shared?.prefix ?? uniqueName("t");
+    data = { schema, prefix };
+    if (!shared) cleanups.push(async () => {
       const client = new pg.Client({ connectionString: TEST_POSTGRES_URL });
       await client.connect();
       await client.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
       await client.end();
     });
     const redisUrl = options.redisUrl ?? TEST_REDIS_URL;
-    cleanups.push(async () => {
+    if (!shared) cleanups.push(async () => {
       const redis = new Redis(redisUrl, { lazyConnect: true, maxRetriesPerRequest: 1 });
       try {
         await redis.connect();
@@ -99,6 +115,7 @@ export async function startServer(backend: BackendName, options: StartOptions = 
     persistence,
     logs,
     backend,
+    data,
     async close() {
       await app.close();
       for (const c of cleanups) await c();

@@ -1,0 +1,99 @@
+/**
+ * Session lifecycle across connections and server lives: an agent id that
+ * reconnects, a server that shuts down or restarts, and several instances
+ * sharing PostgreSQL + Redis.
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
+import { GrpcAgent, WsAgent, type TestAgent } from "../support/clients.js";
+
+async function postTask(s: TestServer, body: Record<string, unknown>) {
+  const res = await fetch(`${s.baseUrl}/tasks`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  expect(res.status).toBe(201);
+  return ((await res.json()) as { task_id: string }).task_id;
+}
+
+const servers: TestServer[] = [];
+const agents: TestAgent[] = [];
+afterEach(async () => {
+  for (const a of agents.splice(0)) a.kill();
+  for (const s of servers.splice(0).reverse()) await s.close();
+});
+const start = async (...args: Parameters<typeof startServer>) => {
+  const s = await startServer(...args);
+  servers.push(s);
+  return s;
+};
+const track = <T extends TestAgent>(a: T) => (agents.push(a), a);
+
+describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
+  it.skipIf(!available)("an agent id that connects again replaces its old session and gets its task back", async () => {
+    const s = await start(name);
+    const old = track(await GrpcAgent.connect(s.port, { agentId: "worker-7" }));
+    const id = await postTask(s, { task_type: "code", description: "reconnect me", priority: 4 });
+    await old.waitForFrame("task_assignment");
+    const fresh = track(await WsAgent.connect(s.port, { agentId: "worker-7" }));
+    await old.waitFor((a) => a.closed, 5000, "old stream closed");
+    await fresh.waitForFrame("task_assignment");
+    expect(fresh.assignments[0]).toMatchObject({ taskId: id, attempt: 2, priority: 4 });
+    // The old stream's late result for attempt 1 changes nothing.
+    fresh.complete(id, { from: "fresh" });
+    await fresh.waitForFrame("completion_ack");
+    const t = (await s.persistence.tasks.get(id))!;
+    expect(t).toMatchObject({ status: "completed", attempt: 2, agentId: "worker-7", result: { from: "fresh" } });
+    const agentsNow = (await (await fetch(`${s.baseUrl}/agents`)).json()) as Array<{ agent_id: string; transport: string }>;
+    expect(agentsNow).toEqual([expect.objectContaining({ agent_id: "worker-7", transport: "ws" })]);
+  });
+
+  it.skipIf(!available)("shutdown ends agent streams and puts held tasks back in the queue", async () => {
+    const s = await start(name);
+    const g = track(await GrpcAgent.connect(s.port));
+    const w = track(await WsAgent.connect(s.port));
+    const ids = [await postTask(s, { task_type: "qa", description: "held by grpc" }), await postTask(s, { task_type: "qa", description: "held by ws" })];
+    await g.waitForFrame("task_assignment");
+    await w.waitForFrame("task_assignment");
+    // With PostgreSQL + Redis a second instance is already running; the
+    // embedded backend is single-instance, so it is restarted afterwards.
+    const other = name === "embedded" ? undefined : await start(name, { shareWith: s });
+    await s.app.close();
+    await g.waitFor((a) => a.closed, 5000, "grpc stream ended");
+    await w.waitFor((a) => a.closed, 5000, "socket closed");
+    const restart = other ?? (await start(name, { shareWith: s }));
+    for (const id of ids) {
+      expect((await restart.persistence.tasks.get(id))!.status).toBe("pending");
+      const trail = await restart.persistence.tasks.auditTrail(id);
+      // Released by the shutdown itself, not by the next instance's recovery.
+      expect(trail.at(-1)).toMatchObject({ toStatus: "pending", details: expect.objectContaining({ reason: "server shutting down" }) });
+    }
+    // The surviving instance (or the restarted one) runs them.
+    const next = track(await WsAgent.connect(restart.port, { maxConcurrency: 2, autoComplete: () => ({}) }));
+    await next.waitForFrame("completion_ack", 2);
+    expect(next.assignments.map((a) => a.attempt)).toEqual([2, 2]);
+  });
+
+  it.skipIf(!available || name !== "embedded")("a restarted single instance re-queues work in priority and FIFO order, including orphaned leases", async () => {
+    const first = await start("embedded");
+    const ids: Array<{ id: string; priority: number }> = [];
+    for (const [i, priority] of [3, 7, 3, 9, 7].entries()) ids.push({ id: await postTask(first, { task_type: "research", description: `research ${i}`, priority }), priority });
+    // A lease held by an agent of the previous life (the process died with it).
+    await first.persistence.tasks.assign(ids[1]!.id, "ghost-agent", new Date(), null);
+    await first.app.close();
+    const second = await start("embedded", { shareWith: first });
+    const a = track(await GrpcAgent.connect(second.port, { autoComplete: () => ({}) }));
+    await a.waitFor((x) => x.assignments.length === 5, 10_000, "all five");
+    expect(a.assignments.map((x) => x.taskId)).toEqual([ids[3]!.id, ids[1]!.id, ids[4]!.id, ids[0]!.id, ids[2]!.id]);
+    expect(a.assignments[1]!.attempt).toBe(2);
+  });
+
+  it.skipIf(!available || name === "embedded")("instances sharing PostgreSQL and Redis share the work", async () => {
+    const a = await start(name);
+    const b = await start(name, { shareWith: a });
+    const agentOnB = track(await GrpcAgent.connect(b.port, { capabilities: ["analysis"], autoComplete: () => ({ on: "b" }) }));
+    const id = await postTask(a, { task_type: "analysis", description: "created on A" });
+    await agentOnB.waitForFrame("completion_ack");
+    expect(agentOnB.assignments[0]!.taskId).toBe(id);
+    await eventually(async () => (await a.persistence.tasks.get(id))?.status === "completed", 5000, "A sees completion");
+    const viaA = (await (await fetch(`${a.baseUrl}/tasks/${id}`)).json()) as { status: string; result: unknown };
+    expect(viaA).toMatchObject({ status: "completed", result: { on: "b" } });
+  });
+});

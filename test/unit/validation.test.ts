@@ -1,0 +1,87 @@
+import { describe, expect, it } from "vitest";
+import { Code } from "@connectrpc/connect";
+import { validateCreateTask, LIMITS } from "../../src/tasks/task-validation.js";
+import { ValidationError, httpStatusOf, toConnectError, wsCodeOf } from "../../src/errors/errors.js";
+import { parseAgentMessage } from "../../src/agents/agent-messages.js";
+import { LatencyWindow } from "../../src/metrics/latency-window.js";
+
+function violations(input: Parameters<typeof validateCreateTask>[0]) {
+  try {
+    validateCreateTask(input);
+  } catch (e: unknown) {
+    if (e instanceof ValidationError) return e.violations;
+    throw e;
+  }
+  return [];
+}
+
+describe("validateCreateTask", () => {
+  it("fills defaults", () => {
+    expect(validateCreateTask({ taskType: "code", description: "abc" })).toEqual({ taskType: "code", description: "abc", priority: 5, metadata: {}, maxAttempts: 3 });
+  });
+
+  it("reports FastAPI-style locations in snake_case", () => {
+    expect(violations({ taskType: "CODE", description: "ab", priority: 11 }).map((v) => v.loc)).toEqual([
+      ["body", "task_type"],
+      ["body", "description"],
+      ["body", "priority"],
+    ]);
+    expect(violations({ taskType: undefined, description: "abc" })[0]).toMatchObject({ loc: ["body", "task_type"], type: "missing" });
+  });
+
+  it("bounds metadata by size and depth", () => {
+    let deep: Record<string, unknown> = {};
+    for (let i = 0; i < LIMITS.jsonMaxDepth + 2; i++) deep = { d: deep };
+    expect(violations({ taskType: "qa", description: "abc", metadata: deep })[0]!.loc).toEqual(["body", "metadata"]);
+    const big = { blob: "x".repeat(LIMITS.metadataMaxBytes) };
+    expect(violations({ taskType: "qa", description: "abc", metadata: big })[0]!.msg).toMatch(/bytes/);
+    expect(violations({ taskType: "qa", description: "abc", metadata: [1, 2] })[0]!.loc).toEqual(["body", "metadata"]);
+  });
+
+  it("rejects non-integer and out-of-range priorities", () => {
+    for (const priority of [-1, 11, 5.5, "5", null as unknown]) {
+      if (priority === null) continue;
+      expect(violations({ taskType: "qa", description: "abc", priority })).toHaveLength(1);
+    }
+    expect(validateCreateTask({ taskType: "qa", description: "abc", priority: 0 }).priority).toBe(0);
+  });
+});
+
+describe("agent message validation", () => {
+  it("names bad fields the way agents spell them", () => {
+    const r = parseAgentMessage({ type: "register", capabilities: ["cooking"], maxConcurrency: -1 });
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.reason).toMatch(/capabilities\.0/);
+      expect(r.reason).toMatch(/max_concurrency/);
+    }
+    expect(parseAgentMessage({ type: "task_complete", taskId: "nope", result: {} })).toMatchObject({ ok: false });
+    expect(parseAgentMessage({ type: "heartbeat" })).toEqual({ ok: true, message: { type: "heartbeat" } });
+  });
+});
+
+describe("error vocabulary", () => {
+  it("maps codes to HTTP statuses and WS codes from one table", () => {
+    expect([Code.InvalidArgument, Code.NotFound, Code.FailedPrecondition, Code.Unavailable, Code.Internal].map(httpStatusOf)).toEqual([422, 404, 409, 503, 500]);
+    expect(wsCodeOf(Code.FailedPrecondition)).toBe("failed_precondition");
+  });
+
+  it("turns driver connection failures into UNAVAILABLE and hides unknown causes", () => {
+    expect(toConnectError(Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:5432"), { code: "ECONNREFUSED" })).code).toBe(Code.Unavailable);
+    expect(toConnectError(Object.assign(new Error("terminating connection"), { code: "57P01" })).code).toBe(Code.Unavailable);
+    const hidden = toConnectError(new Error("secret table layout"));
+    expect(hidden.code).toBe(Code.Internal);
+    expect(hidden.rawMessage).toBe("internal error");
+  });
+});
+
+describe("LatencyWindow", () => {
+  it("reports nearest-rank percentiles of the most recent samples", () => {
+    const w = new LatencyWindow(100);
+    expect(w.percentiles()).toEqual({ p50: 0, p90: 0, p99: 0, samples: 0 });
+    for (let i = 1; i <= 100; i++) w.record(i);
+    expect(w.percentiles()).toEqual({ p50: 50, p90: 90, p99: 99, samples: 100 });
+    for (let i = 0; i < 100; i++) w.record(1000);
+    expect(w.percentiles().p50).toBe(1000);
+  });
+});
