@@ -2,6 +2,7 @@ import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import type { Logger } from "../telemetry/logger.js";
+import { useSpecGrpcMessageEncoding } from "./connect/grpc-message.js";
 
 const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -27,7 +28,11 @@ export function createSinglePortServer(
   options: { sniffTimeoutMs: number; log: Logger },
 ): SinglePortServer {
   const h1 = http.createServer(handler);
-  const h2 = http2.createServer({}, handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
+  const h2Handler = handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void;
+  const h2 = http2.createServer({}, (req, res) => {
+    useSpecGrpcMessageEncoding(res);
+    h2Handler(req, res);
+  });
   const sockets = new Set<net.Socket>();
   const sessions = new Set<http2.Http2Session>();
   h2.on("session", (s) => {
@@ -67,6 +72,11 @@ export function createSinglePortServer(
     };
     socket.on("data", onData);
   });
+  // Node tracks HTTP/1.1 connections (for closeIdleConnections and the
+  // headers/request timeouts that stop slow-loris clients) only once its
+  // server emits "listening"; ours never listens itself, the TCP server does.
+  server.once("listening", () => h1.emit("listening"));
+  server.once("close", () => h1.close());
   // @fastify/websocket listens for upgrades on the server Fastify knows.
   h1.on("upgrade", (req, socket, head) => server.emit("upgrade", req, socket, head));
 
