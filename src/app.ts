@@ -109,6 +109,9 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     openSession: (transport, outlet, correlationId) => new AgentSession(sessionDeps, transport, outlet, correlationId),
   };
   const health = createHealthService();
+  // Fired first thing on close, so open watches end at once instead of
+  // holding shutdown for the whole grace period.
+  const shutdown = new AbortController();
 
   let ports: SinglePortServer | undefined;
   const fastify = Fastify({
@@ -134,6 +137,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       services,
       log,
       health,
+      shutdown: shutdown.signal,
       reflectionFiles: [file_aaos_v1_task_service, file_aaos_v1_agent_service, file_aaos_v1_metrics_service, file_grpc_health_v1_health],
     }),
     interceptors: [errorInterceptor(log)],
@@ -148,6 +152,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   let forceTimer: NodeJS.Timeout | undefined;
   fastify.addHook("preClose", async () => {
     health.shutdown();
+    shutdown.abort();
     dispatcher.close();
     // Ending sessions first re-queues their tasks while the database is open.
     await Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN)));

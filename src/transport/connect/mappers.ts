@@ -28,14 +28,21 @@ const PB_TO_STATUS = new Map(Object.entries(STATUS_TO_PB).map(([k, v]) => [v, k 
 
 export const taskTypeToPb = (t: TaskType): PbTaskType => TYPE_TO_PB[t];
 
+/** The domain types as their proto names, for messages that list what is accepted. */
+export const PB_TASK_TYPE_NAMES = Object.values(TYPE_TO_PB).map((v) => `TASK_TYPE_${PbTaskType[v]}`).join(", ");
+
 /**
- * Proto enum → domain string. UNSPECIFIED and numbers this build does not
- * know (a newer client) come back as the raw value so validation can name it.
+ * Proto enum → domain string; UNSPECIFIED is `undefined` (validation reports it
+ * as missing). A number this build does not know (a newer client) is `null`:
+ * the caller refuses it with {@link unknownTaskTypeMessage}, which names the value.
  */
-export function taskTypeFromPb(value: PbTaskType): TaskType | string | undefined {
+export function taskTypeFromPb(value: PbTaskType): TaskType | undefined | null {
   if (value === PbTaskType.UNSPECIFIED) return undefined;
-  return PB_TO_TYPE.get(value) ?? `unknown task_type value ${value}`;
+  return PB_TO_TYPE.get(value) ?? null;
 }
+
+/** Why an enum number is refused, naming it: the validator's own message cannot. */
+export const unknownTaskTypeMessage = (value: number) => `unknown task type ${value}; must be one of: ${PB_TASK_TYPE_NAMES}`;
 
 export function taskStatusFromPb(value: PbTaskStatus): TaskStatus | undefined | null {
   if (value === PbTaskStatus.UNSPECIFIED) return undefined;

@@ -8,10 +8,12 @@ import { ServerReflection as ReflectionV1alpha } from "../../../gen/grpc/reflect
 import type { DescFile } from "@bufbuild/protobuf";
 import type { Logger } from "../../telemetry/logger.js";
 import type { RequestContext } from "../../tasks/task-service.js";
+import { isTerminal } from "../../tasks/task-state.js";
+import type { TaskStatus } from "../../tasks/task-types.js";
 import { invalidArgument, toConnectError, unimplemented } from "../../errors/errors.js";
 import type { AppServices } from "../services.js";
 import { Channel } from "../channel.js";
-import { agentToPb, metricsToPb, taskStatusFromPb, taskToPb, taskTypeFilterFromPb, taskTypeFromPb } from "./mappers.js";
+import { agentToPb, metricsToPb, taskStatusFromPb, taskToPb, taskTypeFilterFromPb, taskTypeFromPb, unknownTaskTypeMessage } from "./mappers.js";
 import { decodeSessionRequest, encodeSessionResponse } from "./session-codec.js";
 import { createHealthService } from "./health-service.js";
 import { createReflectionServices } from "./reflection-service.js";
@@ -61,19 +63,27 @@ export interface ConnectRoutesOptions {
   log: Logger;
   reflectionFiles: DescFile[];
   health: ReturnType<typeof createHealthService>;
+  /**
+   * Aborted when the server starts to stop: open WatchTask streams then end
+   * at once with UNAVAILABLE (watch again elsewhere) instead of holding the
+   * shutdown for the whole grace period.
+   */
+  shutdown?: AbortSignal;
 }
 
 /** Registers every RPC service on the router. Handlers only translate. */
-export function connectRoutes({ services, log, reflectionFiles, health }: ConnectRoutesOptions) {
+export function connectRoutes({ services, log, reflectionFiles, health, shutdown }: ConnectRoutesOptions) {
   const reflection = createReflectionServices(reflectionFiles);
   return (router: ConnectRouter) => {
     router.service(TaskService, {
       async createTask(req, ctx) {
         if (req.idempotencyKey) throw unimplemented("idempotency_key is not supported yet");
         if (req.webhookUrl) throw unimplemented("webhook_url is not supported yet");
+        const taskType = taskTypeFromPb(req.taskType);
+        if (taskType === null) throw invalidArgument(["body", "task_type"], unknownTaskTypeMessage(req.taskType), "enum");
         const task = await services.tasks.create(
           {
-            taskType: taskTypeFromPb(req.taskType),
+            taskType,
             description: req.description,
             priority: req.priority,
             metadata: req.metadata,
@@ -90,7 +100,7 @@ export function connectRoutes({ services, log, reflectionFiles, health }: Connec
         const status = taskStatusFromPb(req.status);
         const taskType = taskTypeFilterFromPb(req.taskType);
         if (status === null) throw invalidArgument(["status"], `unknown status value ${req.status}`);
-        if (taskType === null) throw invalidArgument(["task_type"], `unknown task_type value ${req.taskType}`);
+        if (taskType === null) throw invalidArgument(["task_type"], unknownTaskTypeMessage(req.taskType), "enum");
         if (req.pageSize < 0) throw invalidArgument(["page_size"], "must not be negative");
         const page = await services.tasks.list({ status, taskType, pageSize: req.pageSize, pageToken: req.pageToken || undefined });
         return { tasks: page.tasks.map(taskToPb), nextPageToken: page.nextPageToken };
@@ -99,7 +109,15 @@ export function connectRoutes({ services, log, reflectionFiles, health }: Connec
         return { task: taskToPb(await services.tasks.cancel(req.taskId, requestContext(ctx, log))) };
       },
       async *watchTask(req, ctx) {
-        for await (const task of services.tasks.watch(req.taskId, ctx.signal)) yield { task: taskToPb(task) };
+        const signal = shutdown ? AbortSignal.any([ctx.signal, shutdown]) : ctx.signal;
+        let last: TaskStatus | undefined;
+        for await (const task of services.tasks.watch(req.taskId, signal)) {
+          last = task.status;
+          yield { task: taskToPb(task) };
+        }
+        if (shutdown?.aborted && !ctx.signal.aborted && last && !isTerminal(last)) {
+          throw new ConnectError("server shutting down; watch the task again", Code.Unavailable);
+        }
       },
     });
 

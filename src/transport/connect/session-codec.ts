@@ -2,17 +2,28 @@ import { create } from "@bufbuild/protobuf";
 import { SessionResponseSchema, type SessionRequest, type SessionResponse } from "../../../gen/aaos/v1/agent_service_pb.js";
 import { TaskType as PbTaskType } from "../../../gen/aaos/v1/task_pb.js";
 import type { ServerMessage } from "../../agents/agent-messages.js";
-import { taskToPb, taskTypeFromPb } from "./mappers.js";
+import { PB_TASK_TYPE_NAMES, taskToPb, taskTypeFromPb } from "./mappers.js";
 
 /**
  * SessionRequest → the shape the session validates, or a reason it is not a
- * message at all. Unknown enum numbers are passed through as text so the
- * session's validation names them.
+ * valid message. Capabilities that are UNSPECIFIED or a number this build does
+ * not know are refused here, by name: after mapping to domain strings the
+ * session's validation could no longer say which value was wrong.
  */
 export function decodeSessionRequest(req: SessionRequest): { ok: true; message: unknown } | { ok: false; reason: string } {
   const k = req.kind;
   switch (k.case) {
-    case "register":
+    case "register": {
+      const capabilities: string[] = [];
+      for (const [i, c] of k.value.capabilities.entries()) {
+        const type = taskTypeFromPb(c);
+        if (type) {
+          capabilities.push(type);
+          continue;
+        }
+        const what = c === PbTaskType.UNSPECIFIED ? "TASK_TYPE_UNSPECIFIED is not a task type" : `unknown task type ${c}`;
+        return { ok: false, reason: `capabilities.${i}: ${what}; must be one of: ${PB_TASK_TYPE_NAMES}` };
+      }
       return {
         ok: true,
         message: {
@@ -20,10 +31,11 @@ export function decodeSessionRequest(req: SessionRequest): { ok: true; message: 
           agentId: k.value.agentId,
           agentName: k.value.agentName,
           agentType: k.value.agentType,
-          capabilities: k.value.capabilities.map((c) => (c === PbTaskType.UNSPECIFIED ? "TASK_TYPE_UNSPECIFIED" : taskTypeFromPb(c))),
+          capabilities,
           maxConcurrency: k.value.maxConcurrency,
         },
       };
+    }
     case "heartbeat":
       return { ok: true, message: { type: "heartbeat" } };
     case "taskComplete":
