@@ -11,9 +11,10 @@ import type { Logger } from "./telemetry/logger.js";
 import { CORRELATION_HEADER, correlationIdFrom } from "./telemetry/correlation.js";
 import type { Persistence } from "./persistence/orm.js";
 import type { PriorityQueue } from "./queue/priority-queue.js";
+import { Reconciler } from "./queue/reconciler.js";
 import { createLocalTaskEvents } from "./tasks/task-events.js";
 import { createTaskService } from "./tasks/task-service.js";
-import { AgentSession } from "./agents/agent-session.js";
+import { AgentSession, SERVER_SHUTDOWN } from "./agents/agent-session.js";
 import { Dispatcher } from "./agents/dispatcher.js";
 import { createAgentService } from "./agents/agent-service.js";
 import { LatencyWindow } from "./metrics/latency-window.js";
@@ -21,7 +22,7 @@ import { createMetricsService } from "./metrics/metrics-service.js";
 import { createSinglePortServer, type SinglePortServer } from "./transport/single-port.js";
 import { connectRoutes, errorInterceptor, requestContextKey } from "./transport/connect/routes.js";
 import { createHealthService } from "./transport/connect/health-service.js";
-import { restRoutes } from "./transport/rest/routes.js";
+import { restRoutes, sendError } from "./transport/rest/routes.js";
 import { wsRoute } from "./transport/ws/ws-route.js";
 import type { AppServices } from "./transport/services.js";
 
@@ -46,29 +47,17 @@ export interface App {
   close(): Promise<void>;
 }
 
-/** Reason given to agents whose session ends because the server stops. */
-export const SERVER_SHUTDOWN = "server shutting down";
-
 /**
- * Rebuilds the queue from the database, the source of truth: every PENDING
- * task is (re)indexed in priority/FIFO order. A single instance also takes
- * back leases held by agents of its previous life, since none can be alive.
+ * A single instance takes back leases held by agents of its previous life,
+ * since none of them can be connected any more.
  */
-async function recover(deps: AppDeps, clock: () => Date): Promise<void> {
-  const { persistence, queue, log } = deps;
-  if (deps.singleInstance) {
-    const now = clock();
-    await persistence.agents.markAllDisconnected(now);
-    for (const t of await persistence.tasks.listAssigned()) {
-      await persistence.tasks.release(t.taskId, t.agentId ?? "", t.attempt, "orchestrator restarted", now);
-    }
+async function releaseOrphans(deps: AppDeps, clock: () => Date): Promise<void> {
+  const { persistence } = deps;
+  const now = clock();
+  await persistence.agents.markAllDisconnected(now);
+  for (const t of await persistence.tasks.listAssigned()) {
+    await persistence.tasks.release(t.taskId, t.agentId ?? "", t.attempt, "orchestrator restarted", now);
   }
-  const runnable = await persistence.tasks.listRunnable();
-  await queue.reconcile(
-    runnable.map((t) => ({ taskId: t.taskId, taskType: t.taskType, priority: t.priority, seq: t.seq })),
-    await persistence.tasks.maxSeq(),
-  );
-  log.info({ runnable: runnable.length }, "queue rebuilt from the database");
 }
 
 /**
@@ -78,7 +67,12 @@ async function recover(deps: AppDeps, clock: () => Date): Promise<void> {
 export async function buildApp(deps: AppDeps): Promise<App> {
   const { config, log, persistence, queue } = deps;
   const clock = deps.clock ?? (() => new Date());
-  await recover(deps, clock);
+  if (deps.singleInstance) await releaseOrphans(deps, clock);
+  // The database is the source of truth: the queue is rebuilt from it now,
+  // and again whenever it may have lost entries.
+  const reconciler = new Reconciler({ tasks: persistence.tasks, queue, log, checkIntervalMs: config.reconcileIntervalMs });
+  await reconciler.run("start-up");
+  reconciler.start();
 
   const events = createLocalTaskEvents();
   const latency = new LatencyWindow();
@@ -121,6 +115,8 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: "correlation_id" }),
     genReqId: (req) => correlationIdFrom(req.headers[CORRELATION_HEADER]),
     bodyLimit: config.maxMessageBytes,
+    // Router-level refusals (over-long ids, malformed URLs) in our error shape too.
+    frameworkErrors: (e, _req, reply) => void sendError(reply, e),
     serverFactory: (handler) => {
       ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, log });
       return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
@@ -131,6 +127,21 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     reply.raw.setHeader(CORRELATION_HEADER, String(req.id));
   });
 
+  let forceTimer: NodeJS.Timeout | undefined;
+  // Registered before the WebSocket plugin, whose own preClose would close
+  // sockets without a status code: ours ends sessions first (1001, leases
+  // released while the database is still open).
+  fastify.addHook("preClose", async () => {
+    health.shutdown();
+    shutdown.abort();
+    reconciler.close();
+    dispatcher.close();
+    // Ending sessions first re-queues their tasks while the database is open.
+    await Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN)));
+    ports?.drain();
+    forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
+    forceTimer.unref();
+  });
   await fastify.register(fastifyWebsocket, { options: { maxPayload: config.maxMessageBytes } });
   await fastify.register(fastifyConnectPlugin, {
     routes: connectRoutes({
@@ -149,17 +160,6 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   restRoutes(fastify, services, deps.version);
   wsRoute(fastify, services);
 
-  let forceTimer: NodeJS.Timeout | undefined;
-  fastify.addHook("preClose", async () => {
-    health.shutdown();
-    shutdown.abort();
-    dispatcher.close();
-    // Ending sessions first re-queues their tasks while the database is open.
-    await Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN)));
-    ports?.drain();
-    forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
-    forceTimer.unref();
-  });
   fastify.addHook("onClose", async () => {
     clearTimeout(forceTimer);
     await queue.close();

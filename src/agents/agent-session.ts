@@ -8,6 +8,9 @@ import { toConnectError, wsCodeOf } from "../errors/errors.js";
 import { parseAgentMessage, type AgentMessage, type ServerMessage } from "./agent-messages.js";
 import { sessionStep, type SessionState } from "./session-state.js";
 
+/** Reason given to agents whose session ends because the server stops. */
+export const SERVER_SHUTDOWN = "server shutting down";
+
 /** How a transport delivers to its agent; the session never sees proto or JSON. */
 export interface SessionOutlet {
   send(message: ServerMessage): void;

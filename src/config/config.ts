@@ -32,6 +32,8 @@ const ConfigSchema = z
     HEARTBEAT_TIMEOUT_MS: durationMs(30_000),
     /** How long a new connection may take to show whether it speaks HTTP/2 or HTTP/1.1. */
     SNIFF_TIMEOUT_MS: durationMs(10_000),
+    /** How often to check that the queue (Redis) still holds its data; it is rebuilt from the database if not. */
+    RECONCILE_INTERVAL_MS: durationMs(5_000),
     /** How long shutdown waits for in-flight requests before closing them. */
     SHUTDOWN_GRACE_MS: durationMs(10_000),
     /** Largest gRPC/Connect message, REST body and WebSocket frame accepted. */
@@ -54,6 +56,7 @@ export interface Config {
   readonly sniffTimeoutMs: number;
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
+  readonly reconcileIntervalMs: number;
 }
 
 /** Thrown for invalid configuration; its message names every bad variable. */
@@ -93,5 +96,6 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     sniffTimeoutMs: c.SNIFF_TIMEOUT_MS,
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
+    reconcileIntervalMs: c.RECONCILE_INTERVAL_MS,
   });
 }

@@ -14,6 +14,14 @@ export interface Violation {
  * `{"detail": [{loc, msg, type}]}` while gRPC/Connect/WS get one readable message.
  */
 export class ValidationError extends ConnectError {
+  /**
+   * ConnectError's own `Symbol.hasInstance` accepts any ConnectError-shaped
+   * value, which subclasses inherit; restore the ordinary prototype check.
+   */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return Function.prototype[Symbol.hasInstance].call(this, value);
+  }
+
   constructor(readonly violations: Violation[]) {
     super(violations.map((v) => `${v.loc.filter((p) => p !== "body").join(".")}: ${v.msg}`).join("; "), Code.InvalidArgument);
   }

@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { uuidv7 } from "./uuid7.js";
+import { uuidv7 } from "../ids.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {

@@ -268,6 +268,16 @@ export function createInProcessQueue(options: InProcessQueueOptions = {}): Prior
       assertOpen();
     },
 
+    // It lives and dies with the process, so it never loses entries on its own.
+    async intact() {
+      assertOpen();
+      return true;
+    },
+
+    onReset() {
+      return () => {};
+    },
+
     onAvailable(listener) {
       if (closed) return () => {};
       // Wrap so the same function registered twice gets two independent subscriptions.

@@ -24,7 +24,12 @@ export interface QueueDepth {
  * pass the same contract suite.
  */
 export interface PriorityQueue {
-  /** Next place in line. Strictly increasing across every producer sharing the queue. */
+  /**
+   * Next place in line. Strictly increasing across every producer sharing the
+   * queue. A shared backend refuses (and signals {@link onReset}) until it has
+   * been rebuilt by {@link reconcile} after losing its data, so new tasks can
+   * never be numbered ahead of older ones.
+   */
   allocateSeq(): Promise<number>;
   /** Adds an entry; adding a task already queued is a no-op. */
   enqueue(entry: QueueEntry): Promise<void>;
@@ -45,6 +50,16 @@ export interface PriorityQueue {
   reconcile(entries: readonly QueueEntry[], minSeq: number): Promise<void>;
   /** Throws when the backend cannot be reached. */
   ping(): Promise<void>;
+  /**
+   * False when the backend has lost its data since the last reconcile (e.g.
+   * Redis was flushed or restarted without persistence). Throws when unreachable.
+   */
+  intact(): Promise<boolean>;
+  /**
+   * Subscribes to "the index may have lost entries": a reconnect after an
+   * outage, or a lost-data refusal. Listeners rebuild it from the database.
+   */
+  onReset(listener: () => void): () => void;
   /**
    * Subscribes to "work may be available" signals, including those raised by
    * other instances sharing the queue. Returns an unsubscribe function.

@@ -86,6 +86,7 @@ return {bestIndex, bestMember, bestScoreText}
  * publishes once per type that gained entries. Returns the number added.
  */
 const RECONCILE_LUA = `
+redis.call('SET', KEYS[1] .. ':rebuilt', '1')
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 local typeCount = #KEYS - 1
@@ -102,6 +103,18 @@ for t = 1, typeCount do
   if gained[t] then redis.call('PUBLISH', ARGV[2], ARGV[3 + t] .. '|' .. ARGV[3]) end
 end
 return added
+`;
+
+/**
+ * KEYS[1] seq key. The marker "<seq key>:rebuilt" is written by every
+ * reconcile; without it Redis has lost its data since, and numbering must wait
+ * for the rebuild or new tasks would be placed ahead of older ones.
+ */
+const ALLOCATE_LUA = `
+if redis.call('EXISTS', KEYS[1] .. ':rebuilt') == 0 then
+  return redis.error_reply('AAOSRESET the queue lost its data and is being rebuilt from the database')
+end
+return redis.call('INCR', KEYS[1])
 `;
 
 /**
@@ -126,6 +139,7 @@ interface QueueScripts {
   aaosClaim(numKeys: number, ...args: ScriptArg[]): Promise<[number, string, string] | null>;
   aaosReconcile(numKeys: number, ...args: ScriptArg[]): Promise<number>;
   aaosDepth(numKeys: number, ...args: ScriptArg[]): Promise<number[]>;
+  aaosAllocate(numKeys: number, ...args: ScriptArg[]): Promise<number>;
 }
 
 /**
@@ -194,6 +208,16 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
   client.defineCommand("aaosClaim", { lua: CLAIM_LUA });
   client.defineCommand("aaosReconcile", { lua: RECONCILE_LUA });
   client.defineCommand("aaosDepth", { lua: DEPTH_LUA });
+  client.defineCommand("aaosAllocate", { lua: ALLOCATE_LUA });
+  const resetListeners = new Set<() => void>();
+  const signalReset = () => {
+    for (const l of resetListeners) queueMicrotask(l);
+  };
+  let commandReadyCount = 0;
+  client.on("ready", () => {
+    // A reconnect: the server may have restarted empty.
+    if (++commandReadyCount > 1) signalReset();
+  });
 
   function subscribe(): void {
     if (subscriber) return;
@@ -227,7 +251,13 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
 
   return {
     async allocateSeq() {
-      const seq = await client.incr(seqKey);
+      let seq: number;
+      try {
+        seq = await client.aaosAllocate(1, seqKey);
+      } catch (e: unknown) {
+        if (e instanceof Error && e.message.startsWith("AAOSRESET")) signalReset();
+        throw e;
+      }
       if (seq > MAX_SEQ) throw new RangeError("queue seq space exhausted");
       return seq;
     },
@@ -298,6 +328,17 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
       await client.ping();
     },
 
+    async intact() {
+      return (await client.exists(`${seqKey}:rebuilt`)) === 1;
+    },
+
+    onReset(listener) {
+      resetListeners.add(listener);
+      return () => {
+        resetListeners.delete(listener);
+      };
+    },
+
     onAvailable(listener) {
       if (closing) return () => {};
       const wrapped = (taskType: TaskType) => listener(taskType);
@@ -311,6 +352,7 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     close() {
       closing ??= (async () => {
         listeners.clear();
+        resetListeners.clear();
         await Promise.all([shutdown(client), subscriber ? shutdown(subscriber) : undefined]);
       })();
       return closing;

@@ -1,4 +1,4 @@
-import { randomUUID } from "node:crypto";
+import { uuidv7 } from "../ids.js";
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
 import { failedPrecondition, invalidArgument, notFound, toConnectError, unavailable } from "../errors/errors.js";
@@ -78,7 +78,8 @@ export function createTaskService({ tasks, queue, events, log, clock = () => new
         ctx.log.warn({ err: e }, "queue unavailable; task not created");
         throw unavailable("the task queue is unavailable; the task was not created", e);
       }
-      const taskId = randomUUID();
+      // Time-ordered ids keep "newest first" stable for tasks created in the same millisecond.
+      const taskId = uuidv7();
       const task = await tasks
         .insert(
           { taskId, ...valid, correlationId: ctx.correlationId, seq, createdAt: clock() },

@@ -58,6 +58,7 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     await s.app.close();
     await g.waitFor((a) => a.closed, 5000, "grpc stream ended");
     await w.waitFor((a) => a.closed, 5000, "socket closed");
+    expect(w.closeCode).toBe(1001);
     const restart = other ?? (await start(name, { shareWith: s }));
     for (const id of ids) {
       expect((await restart.persistence.tasks.get(id))!.status).toBe("pending");

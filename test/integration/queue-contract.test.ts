@@ -1,11 +1,9 @@
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import net from "node:net";
-import { once } from "node:events";
 import { Redis } from "ioredis";
 import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
 import { createInProcessQueue, createRedisQueue, type PriorityQueue, type QueueEntry, type QueueLog } from "../../src/queue/index.js";
 import { TASK_TYPES, type TaskType } from "../../src/tasks/task-types.js";
 import { redisAvailable, TEST_REDIS_URL, uniqueName } from "../support/services.js";
+import { freePort, hasRedisServer, PrivateRedis } from "../support/private-redis.js";
 
 /** Every Redis prefix this file used, so afterAll can delete exactly its keys. */
 const usedPrefixes: string[] = [];
@@ -67,7 +65,13 @@ const factories = [
   {
     name: "redis",
     available: redisAvailable,
-    make: () => createRedisQueue({ url: TEST_REDIS_URL, prefix: newPrefix() }),
+    make: () => {
+      const q = createRedisQueue({ url: TEST_REDIS_URL, prefix: newPrefix() });
+      // A fresh shared queue numbers tasks only after its first rebuild. Commands
+      // on one connection run in order, so this precedes everything a test sends.
+      void q.reconcile([], 0);
+      return q;
+    },
   },
 ];
 
@@ -275,6 +279,7 @@ describe.skipIf(!redisAvailable)("redis queue: shared between instances", () => 
     const prefix = newPrefix();
     const a = track(createRedisQueue({ url: TEST_REDIS_URL, prefix }));
     const b = track(createRedisQueue({ url: TEST_REDIS_URL, prefix }));
+    await a.reconcile([], 0);
 
     const seqs = [await a.allocateSeq(), await b.allocateSeq(), await a.allocateSeq(), await b.allocateSeq()];
     expect(seqs).toEqual([...seqs].sort((x, y) => x - y));
@@ -318,16 +323,6 @@ describe.skipIf(!redisAvailable)("redis queue: shared between instances", () => 
   });
 });
 
-/** A TCP port with nothing listening on it (right now). */
-async function freePort(): Promise<number> {
-  const server = net.createServer().listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const { port } = server.address() as net.AddressInfo;
-  server.close();
-  await once(server, "close");
-  return port;
-}
-
 function recordingLog(): QueueLog & { warns: string[] } {
   const warns: string[] = [];
   return { warns, warn: (_obj, msg) => warns.push(msg), info: () => {} };
@@ -350,49 +345,49 @@ describe("redis queue: failure behaviour", () => {
     expect(log.warns.length).toBeLessThanOrEqual(2);
   });
 
-  const hasRedisServer = spawnSync("redis-server", ["--version"]).status === 0;
-  const children: ChildProcess[] = [];
-
-  async function startRedisServer(port: number): Promise<ChildProcess> {
-    const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    children.push(child);
-    let output = "";
-    await new Promise<void>((resolve, reject) => {
-      child.stdout!.on("data", (chunk: Buffer) => {
-        output += chunk.toString();
-        if (output.includes("Ready to accept connections")) resolve();
-      });
-      child.once("exit", (code) => reject(new Error(`redis-server exited (${code}): ${output}`)));
-    });
-    return child;
-  }
-
-  async function kill(child: ChildProcess): Promise<void> {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    child.kill("SIGKILL");
-    await once(child, "exit");
-  }
-
+  const servers: PrivateRedis[] = [];
   afterAll(async () => {
-    await Promise.all(children.map(kill));
+    for (const r of servers) await r.stop();
+  });
+
+  it.skipIf(!redisAvailable)("refuses to number tasks after losing its data, signals a reset, and resumes above the rebuilt seq", async () => {
+    const prefix = newPrefix();
+    const q = track(createRedisQueue({ url: TEST_REDIS_URL, prefix }));
+    await expect(q.allocateSeq()).rejects.toThrow(/rebuilt/);
+    await q.reconcile([entry("old", 5, 41)], 41);
+    expect(await q.intact()).toBe(true);
+    expect(await q.allocateSeq()).toBe(42);
+    let resets = 0;
+    q.onReset(() => resets++);
+    // What FLUSHDB does to this prefix, without flushing the shared server.
+    const raw = new Redis(TEST_REDIS_URL);
+    await raw.del(...(await raw.keys(`{${prefix}}*`)));
+    raw.disconnect();
+    expect(await q.intact()).toBe(false);
+    await expect(q.allocateSeq()).rejects.toThrow(/rebuilt/);
+    await vi.waitFor(() => expect(resets).toBe(1));
+    await q.reconcile([entry("old", 5, 41)], 42);
+    expect(await q.allocateSeq()).toBe(43);
+    expect(await q.claim(["code"])).toEqual(entry("old", 5, 41));
   });
 
   it.skipIf(!hasRedisServer && process.env.CI !== "true")(
     "reports errors while Redis is down and recovers by itself when it returns",
     async () => {
-      const port = await freePort();
-      let server = await startRedisServer(port);
-      const url = `redis://127.0.0.1:${port}`;
+      const server = await PrivateRedis.start();
+      servers.push(server);
+      const url = server.url;
       const log = recordingLog();
       const q = track(createRedisQueue({ url, prefix: "restart", log, reconnectMaxDelayMs: 300 }));
       const seen: TaskType[] = [];
       q.onAvailable((t) => seen.push(t));
+      let resets = 0;
+      q.onReset(() => resets++);
+      await q.reconcile([], 0);
       await q.enqueue(entry("before", 5, await q.allocateSeq()));
       expect(await q.claim(["code"])).toMatchObject({ taskId: "before" });
 
-      await kill(server);
+      await server.stop();
       const started = Date.now();
       await expect(q.enqueue(entry("while-down", 5, 2))).rejects.toThrow();
       await expect(q.claim(["code"])).rejects.toThrow();
@@ -401,9 +396,14 @@ describe("redis queue: failure behaviour", () => {
       // The outage is logged (the socket may be noticed as unwritable a moment before it is closed).
       await vi.waitFor(() => expect(log.warns).toContain("redis queue connection lost"));
 
-      server = await startRedisServer(port);
+      await server.restart();
       await vi.waitFor(() => q.ping(), { timeout: 10_000, interval: 100 });
-      // A fresh server has lost the scripts and the data; both come back by themselves.
+      // The reconnect is announced, and numbering waits for the rebuild: a
+      // fresh server lost the data, and seqs must not restart below old tasks.
+      await vi.waitFor(() => expect(resets).toBeGreaterThan(0));
+      await expect(q.allocateSeq()).rejects.toThrow(/rebuilt/);
+      await q.reconcile([], 1);
+      // The scripts are reloaded by themselves.
       await q.enqueue(entry("after", 5, await q.allocateSeq()));
       expect(await q.claim(["code"])).toMatchObject({ taskId: "after" });
 
@@ -412,6 +412,7 @@ describe("redis queue: failure behaviour", () => {
       // ...and receives other instances' signals again.
       seen.length = 0;
       const other = track(createRedisQueue({ url, prefix: "restart" }));
+      await other.reconcile([], 0);
       let n = 0;
       await vi.waitFor(
         async () => {
@@ -420,7 +421,7 @@ describe("redis queue: failure behaviour", () => {
         },
         { timeout: 10_000, interval: 100 },
       );
-      await kill(server);
+      await server.stop();
     },
   );
 });

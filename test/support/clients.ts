@@ -107,6 +107,8 @@ export abstract class TestAgent {
   readonly assignments: Assignment[] = [];
   agentId = "";
   closed = false;
+  /** WebSocket close code, when the server closed a WS agent. */
+  closeCode: number | undefined;
   private waiters: Array<() => void> = [];
 
   constructor(protected readonly options: AgentOptions) {}
@@ -238,7 +240,10 @@ export class WsAgent extends TestAgent {
         this.onFrame({ type: f.type, taskId: f.task_id, code: f.code, message: f.message, agentId: f.agent_id });
       }
     });
-    socket.on("close", () => this.onClosed());
+    socket.on("close", (code) => {
+      this.closeCode = code;
+      this.onClosed();
+    });
     socket.on("error", () => this.onClosed());
   }
 

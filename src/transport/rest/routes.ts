@@ -6,6 +6,7 @@ import { violationsOf } from "../../tasks/task-validation.js";
 import { TASK_STATUSES, TASK_TYPES } from "../../tasks/task-types.js";
 import type { RequestContext } from "../../tasks/task-service.js";
 import type { AppServices } from "../services.js";
+import { CORRELATION_HEADER } from "../../telemetry/correlation.js";
 import { agentToJson, metricsToJson, taskToJson } from "./json-views.js";
 
 const ListQuery = z.object({
@@ -26,6 +27,8 @@ function requestContext(req: FastifyRequest): RequestContext {
  * is `{"detail": "Task not found"}`; internal causes are logged, never sent.
  */
 export function sendError(reply: FastifyReply, e: unknown): FastifyReply {
+  // Errors raised before the onRequest hook (router/framework errors) still echo the ID.
+  if (!reply.hasHeader(CORRELATION_HEADER)) reply.header(CORRELATION_HEADER, String(reply.request.id));
   const fe = e as FastifyError;
   if (!(e instanceof ConnectError) && typeof fe?.statusCode === "number" && fe.statusCode < 500) {
     // Fastify's own refusals: body parsing, size limits, media types.
@@ -39,7 +42,10 @@ export function sendError(reply: FastifyReply, e: unknown): FastifyReply {
   if (err.code === Code.Internal || err.code === Code.Unknown) reply.request.log.error({ err: e }, "request failed");
   else if (err.code === Code.Unavailable) reply.request.log.warn({ err: err.cause ?? e }, "backing service unavailable");
   const status = httpStatusOf(err.code);
-  if (err instanceof ValidationError) return reply.code(status).send({ detail: err.violations, code: "invalid_argument" });
+  // Not `instanceof ValidationError`: ConnectError's static Symbol.hasInstance
+  // (inherited by subclasses) says true for every ConnectError.
+  const violations = (err as Partial<ValidationError>).violations;
+  if (Array.isArray(violations)) return reply.code(status).send({ detail: violations, code: "invalid_argument" });
   if (err.code === Code.NotFound && /^task /.test(err.rawMessage)) return reply.code(404).send({ detail: "Task not found", code: "not_found" });
   const code = Code[err.code].replace(/[A-Z]/g, (c, i: number) => (i ? "_" : "") + c.toLowerCase());
   return reply.code(status).send({ detail: err.rawMessage, code });

@@ -1,6 +1,7 @@
 import type { FastifyInstance } from "fastify";
 import type { WebSocket } from "ws";
 import type { ServerMessage } from "../../agents/agent-messages.js";
+import { SERVER_SHUTDOWN } from "../../agents/agent-session.js";
 import type { AppServices } from "../services.js";
 
 /** Legacy frame (snake_case) → the session's message shape. */
@@ -58,8 +59,9 @@ export function wsRoute(app: FastifyInstance, services: AppServices): void {
         send: (m) => {
           if (socket.readyState === socket.OPEN) socket.send(JSON.stringify(encodeFrame(m)));
         },
-        end: () => {
-          if (socket.readyState === socket.OPEN) socket.close(1000, "session closed");
+        end: (reason) => {
+          // 1001 "going away" tells a client it may reconnect to another instance.
+          if (socket.readyState === socket.OPEN) socket.close(reason === SERVER_SHUTDOWN ? 1001 : 1000, reason.slice(0, 120));
         },
       },
       String(req.id),

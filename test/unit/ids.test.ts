@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { uuidv7 } from "../../src/persistence/uuid7.js";
+import { uuidv7 } from "../../src/ids.js";
 
 describe("uuidv7", () => {
   it("is a version 7, variant 10 UUID", () => {

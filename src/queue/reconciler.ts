@@ -1,0 +1,77 @@
+import type { Logger } from "../telemetry/logger.js";
+import type { TaskRepository } from "../tasks/task-repository.js";
+import type { PriorityQueue } from "./priority-queue.js";
+
+export interface ReconcilerOptions {
+  tasks: TaskRepository;
+  queue: PriorityQueue;
+  log: Logger;
+  /** How often to check that the queue still holds its data. */
+  checkIntervalMs: number;
+}
+
+/**
+ * Keeps the queue a faithful index of the database: rebuilds it at start,
+ * when the queue signals it may have lost entries (a Redis reconnect, or a
+ * refused numbering after a flush), and when a periodic check finds its data
+ * gone. Every PENDING task is re-added with its original priority and seq, so
+ * order is preserved; entries already present are left alone.
+ */
+export class Reconciler {
+  private running: Promise<void> | undefined;
+  private again = false;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly unsubscribe: () => void;
+
+  constructor(private readonly o: ReconcilerOptions) {
+    this.unsubscribe = o.queue.onReset(() => void this.run("queue reset").catch(() => undefined));
+  }
+
+  /** Starts the periodic check. */
+  start(): void {
+    this.timer = setInterval(() => void this.check(), this.o.checkIntervalMs);
+    this.timer.unref();
+  }
+
+  private async check(): Promise<void> {
+    try {
+      if (!(await this.o.queue.intact())) await this.run("queue lost its data");
+    } catch (e: unknown) {
+      // Unreachable right now; the reconnect will signal a reset.
+      this.o.log.debug({ err: e }, "queue check failed");
+    }
+  }
+
+  /** Rebuilds the queue from the database. Concurrent calls share one pass, plus one more if asked meanwhile. */
+  run(reason: string): Promise<void> {
+    if (this.running) {
+      this.again = true;
+      return this.running;
+    }
+    this.running = (async () => {
+      try {
+        do {
+          this.again = false;
+          const runnable = await this.o.tasks.listRunnable();
+          await this.o.queue.reconcile(
+            runnable.map((t) => ({ taskId: t.taskId, taskType: t.taskType, priority: t.priority, seq: t.seq })),
+            await this.o.tasks.maxSeq(),
+          );
+          this.o.log.info({ reason, runnable: runnable.length }, "queue rebuilt from the database");
+        } while (this.again);
+      } catch (e: unknown) {
+        this.o.log.warn({ err: e, reason }, "queue rebuild failed; will retry on the next signal or check");
+        throw e;
+      } finally {
+        this.running = undefined;
+      }
+    })();
+    return this.running;
+  }
+
+  /** Safe to call twice. */
+  close(): void {
+    clearInterval(this.timer);
+    this.unsubscribe();
+  }
+}
