@@ -47,6 +47,19 @@ export interface App {
   close(): Promise<void>;
 }
 
+/** Waits for `work` up to `ms`; true if it settled (either way) in time. */
+async function settleWithin(ms: number, work: Promise<unknown>): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    return await Promise.race([work.then(() => true, () => true), timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * A single instance takes back leases held by agents of its previous life,
  * since none of them can be connected any more.
@@ -132,15 +145,21 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   // sockets without a status code: ours ends sessions first (1001, leases
   // released while the database is still open).
   fastify.addHook("preClose", async () => {
+    // Armed first: whatever below waits on a slow backend, connections are
+    // cut when the grace period ends, so close() always finishes.
+    forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
+    forceTimer.unref();
     health.shutdown();
     shutdown.abort();
     reconciler.close();
     dispatcher.close();
     // Ending sessions first re-queues their tasks while the database is open.
-    await Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN)));
+    const ended = await settleWithin(
+      config.shutdownGraceMs,
+      Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN))),
+    );
+    if (!ended) log.warn("agent sessions did not finish closing within the grace period; their leases stay until they expire");
     ports?.drain();
-    forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
-    forceTimer.unref();
   });
   await fastify.register(fastifyWebsocket, { options: { maxPayload: config.maxMessageBytes } });
   await fastify.register(fastifyConnectPlugin, {
@@ -162,8 +181,9 @@ export async function buildApp(deps: AppDeps): Promise<App> {
 
   fastify.addHook("onClose", async () => {
     clearTimeout(forceTimer);
-    await queue.close();
-    await persistence.close();
+    // A backend that stopped answering must not keep the process from exiting.
+    if (!(await settleWithin(config.shutdownGraceMs, queue.close()))) log.warn("queue did not close in time");
+    if (!(await settleWithin(config.shutdownGraceMs, persistence.close()))) log.warn("database did not close in time");
   });
 
   health.setStatus("", HealthCheckResponse_ServingStatus.SERVING);

@@ -84,10 +84,16 @@ export async function startServer(backend: BackendName, options: StartOptions = 
     const prefix = shared?.prefix ?? uniqueName("t");
     data = { schema, prefix };
     if (!shared) cleanups.push(async () => {
-      const client = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+      // Bounded, so a busy server or a lingering lock fails the hook with a
+      // reason instead of hanging it.
+      const client = new pg.Client({ connectionString: TEST_POSTGRES_URL, connectionTimeoutMillis: 10_000 });
       await client.connect();
-      await client.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
-      await client.end();
+      try {
+        await client.query("SET lock_timeout = '20s'");
+        await client.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+      } finally {
+        await client.end();
+      }
     });
     const redisUrl = options.redisUrl ?? TEST_REDIS_URL;
     if (!shared) cleanups.push(async () => {
