@@ -12,6 +12,10 @@ import { CORRELATION_HEADER, correlationIdFrom } from "./telemetry/correlation.j
 import type { Persistence } from "./persistence/orm.js";
 import type { PriorityQueue } from "./queue/priority-queue.js";
 import { Reconciler } from "./queue/reconciler.js";
+import { Sweeper } from "./agents/sweeper.js";
+import { backoffMs, type RetryPolicy } from "./tasks/retry-policy.js";
+import { createTaskValidator } from "./tasks/task-validation.js";
+import { createAgentMessageParser } from "./agents/agent-messages.js";
 import { createLocalTaskEvents } from "./tasks/task-events.js";
 import { createTaskService } from "./tasks/task-service.js";
 import { AgentSession, SERVER_SHUTDOWN } from "./agents/agent-session.js";
@@ -43,7 +47,11 @@ export interface App {
   fastify: FastifyInstance;
   services: AppServices;
   dispatcher: Dispatcher;
-  /** Stops new work, ends agent sessions (their tasks re-queued), closes connections and backends. Safe twice. */
+  /**
+   * Graceful shutdown: refuses new work, asks agents to drain and waits up to
+   * SHUTDOWN_GRACE_MS for their results, hands back what is still held, then
+   * closes connections and backends. Safe to call twice.
+   */
   close(): Promise<void>;
 }
 
@@ -61,16 +69,40 @@ async function settleWithin(ms: number, work: Promise<unknown>): Promise<boolean
 }
 
 /**
- * A single instance takes back leases held by agents of its previous life,
- * since none of them can be connected any more.
+ * A single instance takes back leases held by agents of its previous life at
+ * once, since none of them can be connected any more. Like an expired lease,
+ * each counts as a failed attempt: a task that keeps killing the process must
+ * not be retried forever.
  */
-async function releaseOrphans(deps: AppDeps, clock: () => Date): Promise<void> {
+async function takeBackOrphans(deps: AppDeps, clock: () => Date, retry: RetryPolicy): Promise<void> {
   const { persistence } = deps;
   const now = clock();
   await persistence.agents.markAllDisconnected(now);
   for (const t of await persistence.tasks.listAssigned()) {
-    await persistence.tasks.release(t.taskId, t.agentId ?? "", t.attempt, "orchestrator restarted", now);
+    const retryAt = new Date(now.getTime() + backoffMs(t.failedAttempts + 1, retry));
+    await persistence.tasks.retryOrFail(t.taskId, t.agentId ?? "", t.attempt, "orchestrator restarted while the task was running", now, retryAt);
   }
+}
+
+/**
+ * Resolves when no session holds a task any more, re-checking whenever a
+ * slot is freed; or after `ms`.
+ */
+function heldTasksDrained(dispatcher: Dispatcher, ms: number): Promise<boolean> {
+  const idle = () => dispatcher.list().every((s) => s.held.size === 0);
+  if (idle()) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      stop();
+      resolve(false);
+    }, ms);
+    const stop = dispatcher.onSlotFreed(() => {
+      if (!idle()) return;
+      clearTimeout(timer);
+      stop();
+      resolve(true);
+    });
+  });
 }
 
 /**
@@ -80,16 +112,22 @@ async function releaseOrphans(deps: AppDeps, clock: () => Date): Promise<void> {
 export async function buildApp(deps: AppDeps): Promise<App> {
   const { config, log, persistence, queue } = deps;
   const clock = deps.clock ?? (() => new Date());
-  if (deps.singleInstance) await releaseOrphans(deps, clock);
+  const retry: RetryPolicy = { baseMs: config.retryBaseMs, maxMs: config.retryMaxMs };
+  if (deps.singleInstance) await takeBackOrphans(deps, clock, retry);
   // The database is the source of truth: the queue is rebuilt from it now,
   // and again whenever it may have lost entries.
-  const reconciler = new Reconciler({ tasks: persistence.tasks, queue, log, checkIntervalMs: config.reconcileIntervalMs });
+  const reconciler = new Reconciler({ tasks: persistence.tasks, queue, log, clock, checkIntervalMs: config.reconcileIntervalMs });
   await reconciler.run("start-up");
   reconciler.start();
 
   const events = createLocalTaskEvents();
   const latency = new LatencyWindow();
-  const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency });
+  const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
+  const sweeper = new Sweeper({ tasks: persistence.tasks, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
+  sweeper.start();
+  // Cleared when shutdown begins: new tasks and agents are refused so they
+  // go to an instance that will still be there.
+  let accepting = true;
   const sessionDeps = {
     tasks: persistence.tasks,
     agents: persistence.agents,
@@ -99,10 +137,23 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     clock,
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     heartbeatTimeoutMs: config.heartbeatTimeoutMs,
+    parse: createAgentMessageParser(config.limits),
+    retry,
+    taskTimeoutMs: config.taskTimeoutMs,
+    accepting: () => accepting,
     registry: dispatcher,
   };
   const services: AppServices = {
-    tasks: createTaskService({ tasks: persistence.tasks, queue, events, log, clock }),
+    tasks: createTaskService({
+      tasks: persistence.tasks,
+      queue,
+      events,
+      log,
+      clock,
+      validate: createTaskValidator(config.limits),
+      idempotencyTtlMs: config.idempotencyTtlMs,
+      accepting: () => accepting,
+    }),
     agents: createAgentService({ agents: persistence.agents, dispatcher }),
     metrics: createMetricsService({
       tasks: persistence.tasks,
@@ -141,6 +192,29 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   });
 
   let forceTimer: NodeJS.Timeout | undefined;
+  /** Idempotent: refuse new tasks and agents, stop dispatching and the background loops. */
+  const stopTakingWork = () => {
+    accepting = false;
+    health.shutdown();
+    shutdown.abort();
+    reconciler.close();
+    dispatcher.close();
+  };
+  /**
+   * Graceful shutdown, before the HTTP layer closes: agents are asked to
+   * drain and given the grace period to report what they hold; what is
+   * still held then is handed back to the queue (not counted as a failure).
+   * Kept outside Fastify's close hooks, which have their own time limit.
+   */
+  const drain = async () => {
+    stopTakingWork();
+    const sessions = dispatcher.list();
+    for (const s of sessions) s.drain(config.shutdownGraceMs);
+    if (!(await heldTasksDrained(dispatcher, config.shutdownGraceMs))) log.info("grace period over; handing back the tasks still held");
+    sweeper.close();
+    const ended = await settleWithin(config.shutdownGraceMs, Promise.all(sessions.map((s) => s.close(SERVER_SHUTDOWN))));
+    if (!ended) log.warn("agent sessions did not finish closing in time; their leases stay until they expire");
+  };
   // Registered before the WebSocket plugin, whose own preClose would close
   // sockets without a status code: ours ends sessions first (1001, leases
   // released while the database is still open).
@@ -149,19 +223,21 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     // cut when the grace period ends, so close() always finishes.
     forceTimer = setTimeout(() => ports?.destroyAll(), config.shutdownGraceMs);
     forceTimer.unref();
-    health.shutdown();
-    shutdown.abort();
-    reconciler.close();
-    dispatcher.close();
-    // Ending sessions first re-queues their tasks while the database is open.
-    const ended = await settleWithin(
-      config.shutdownGraceMs,
-      Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN))),
-    );
-    if (!ended) log.warn("agent sessions did not finish closing within the grace period; their leases stay until they expire");
+    stopTakingWork();
+    // Normally already done by drain(); kept here for a bare fastify.close().
+    const ended = await settleWithin(config.shutdownGraceMs, Promise.all(dispatcher.list().map((s) => s.close(SERVER_SHUTDOWN))));
+    if (!ended) log.warn("agent sessions did not finish closing in time; their leases stay until they expire");
     ports?.drain();
   });
-  await fastify.register(fastifyWebsocket, { options: { maxPayload: config.maxMessageBytes } });
+  await fastify.register(fastifyWebsocket, {
+    options: { maxPayload: config.maxMessageBytes },
+    // Socket errors are the client's doing (an oversize or malformed frame,
+    // an unclean disconnect): ws has already sent the close code; log calmly.
+    errorHandler: (error, socket, request) => {
+      request.log.info({ err: error }, "agent socket closed on a client error");
+      socket.terminate();
+    },
+  });
   await fastify.register(fastifyConnectPlugin, {
     routes: connectRoutes({
       services,
@@ -181,6 +257,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
 
   fastify.addHook("onClose", async () => {
     clearTimeout(forceTimer);
+    sweeper.close();
     // A backend that stopped answering must not keep the process from exiting.
     if (!(await settleWithin(config.shutdownGraceMs, queue.close()))) log.warn("queue did not close in time");
     if (!(await settleWithin(config.shutdownGraceMs, persistence.close()))) log.warn("database did not close in time");
@@ -192,6 +269,10 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     fastify,
     services,
     dispatcher,
-    close: () => (closing ??= fastify.close()),
+    close: () =>
+      (closing ??= (async () => {
+        await drain();
+        await fastify.close();
+      })()),
   };
 }

@@ -1,5 +1,6 @@
 import { z } from "zod";
-import { boundedJsonObject, LIMITS, violationsOf } from "../tasks/task-validation.js";
+import { boundedJsonObject, safeText, violationsOf } from "../tasks/task-validation.js";
+import type { Limits } from "../config/config.js";
 import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskType } from "../tasks/task-types.js";
 
 /** Agent → server, after transport decoding (proto oneof or WS JSON frame). */
@@ -23,6 +24,7 @@ export type ServerMessage =
   | { type: "heartbeat_ack" }
   | { type: "completion_ack"; taskId: string }
   | { type: "task_cancelled"; taskId: string }
+  | { type: "drain"; graceMs: number }
   | { type: "error"; code: string; message: string; taskId?: string };
 
 export const MAX_CONCURRENCY_LIMIT = 1000;
@@ -34,40 +36,48 @@ const agentIdSchema = z
 const taskId = z.string().uuid({ message: "must be a task UUID" });
 const attempt = z.number().int().min(0).optional();
 
-const AgentMessageSchema = z.discriminatedUnion("type", [
-  z.object({
-    type: z.literal("register"),
-    agentId: agentIdSchema.optional(),
-    agentName: z.string().max(100).optional(),
-    agentType: z.string().max(50).optional(),
-    capabilities: z.array(z.enum(TASK_TYPES, { message: `must be one of: ${TASK_TYPES.join(", ")}` })).max(TASK_TYPES.length * 2).optional(),
-    maxConcurrency: z.number().int().min(0).max(MAX_CONCURRENCY_LIMIT).optional(),
-  }),
-  z.object({ type: z.literal("heartbeat") }),
-  z.object({
-    type: z.literal("task_complete"),
-    taskId,
-    result: boundedJsonObject(LIMITS.resultMaxBytes).default({}),
-    attempt,
-  }),
-  z.object({
-    type: z.literal("task_failed"),
-    taskId,
-    error: z.string().max(10_000).default(""),
-    retryable: z.boolean().optional(),
-    attempt,
-  }),
-]);
+function agentMessageSchema(limits: Limits) {
+  return z.discriminatedUnion("type", [
+    z.object({
+      type: z.literal("register"),
+      agentId: agentIdSchema.optional(),
+      agentName: safeText().max(100).optional(),
+      agentType: safeText().max(50).optional(),
+      capabilities: z.array(z.enum(TASK_TYPES, { message: `must be one of: ${TASK_TYPES.join(", ")}` })).max(TASK_TYPES.length * 2).optional(),
+      maxConcurrency: z.number().int().min(0).max(MAX_CONCURRENCY_LIMIT).optional(),
+    }),
+    z.object({ type: z.literal("heartbeat") }),
+    z.object({
+      type: z.literal("task_complete"),
+      taskId,
+      result: boundedJsonObject(limits.resultMaxBytes, limits.jsonMaxDepth).default({}),
+      attempt,
+    }),
+    z.object({
+      type: z.literal("task_failed"),
+      taskId,
+      error: safeText().max(10_000).default(""),
+      retryable: z.boolean().optional(),
+      attempt,
+    }),
+  ]);
+}
+
+export type AgentMessageParser = (input: unknown) => { ok: true; message: AgentMessage } | { ok: false; reason: string };
 
 /**
- * Validates a decoded agent message. Returns the message, or a readable
- * reason naming the bad fields (snake_case, as agents spell them).
+ * Builds the agent-message validator for the configured limits. It returns
+ * the message, or a readable reason naming the bad fields (snake_case, as
+ * agents spell them).
  */
-export function parseAgentMessage(input: unknown): { ok: true; message: AgentMessage } | { ok: false; reason: string } {
-  const parsed = AgentMessageSchema.safeParse(input);
-  if (parsed.success) return { ok: true, message: parsed.data as AgentMessage };
-  const reason = violationsOf(parsed.error, "message", input)
-    .map((v) => `${v.loc.slice(1).join(".") || "message"}: ${v.msg}`)
-    .join("; ");
-  return { ok: false, reason };
+export function createAgentMessageParser(limits: Limits): AgentMessageParser {
+  const schema = agentMessageSchema(limits);
+  return (input) => {
+    const parsed = schema.safeParse(input);
+    if (parsed.success) return { ok: true, message: parsed.data as AgentMessage };
+    const reason = violationsOf(parsed.error, "message", input)
+      .map((v) => `${v.loc.slice(1).join(".") || "message"}: ${v.msg}`)
+      .join("; ");
+    return { ok: false, reason };
+  };
 }

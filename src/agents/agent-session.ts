@@ -5,7 +5,8 @@ import type { TaskEvents } from "../tasks/task-events.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
 import { TASK_TYPES, type TaskRecord, type TaskType } from "../tasks/task-types.js";
 import { toConnectError, wsCodeOf } from "../errors/errors.js";
-import { parseAgentMessage, type AgentMessage, type ServerMessage } from "./agent-messages.js";
+import type { AgentMessage, AgentMessageParser, ServerMessage } from "./agent-messages.js";
+import { backoffMs, type RetryPolicy } from "../tasks/retry-policy.js";
 import { sessionStep, type SessionState } from "./session-state.js";
 
 /** Reason given to agents whose session ends because the server stops. */
@@ -28,6 +29,12 @@ export interface SessionDeps {
   clock: () => Date;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
+  parse: AgentMessageParser;
+  retry: RetryPolicy;
+  /** Execution timeout for tasks that set none. */
+  taskTimeoutMs: number;
+  /** False once shutdown has begun: no new sessions. */
+  accepting: () => boolean;
   /** Called when the session registers or closes, and when it frees a slot. */
   registry: {
     attach(session: AgentSession): void;
@@ -51,7 +58,7 @@ export class AgentSession {
   capabilities: readonly TaskType[] = TASK_TYPES;
   declaredCapabilities: readonly TaskType[] = [];
   maxConcurrency = 1;
-  /** Held leases: task id → attempt (the fencing token). */
+  /** Held leases: task id → the task as assigned (its attempt is the fencing token). */
   readonly held = new Map<string, TaskRecord>();
   lastSeen: Date;
   readonly connectedAt: Date;
@@ -92,7 +99,7 @@ export class AgentSession {
   }
 
   private async handle(input: unknown): Promise<void> {
-    const parsed = parseAgentMessage(input);
+    const parsed = this.deps.parse(input);
     if (!parsed.ok) {
       this.reject(parsed.reason);
       return;
@@ -120,6 +127,11 @@ export class AgentSession {
   }
 
   private async register(message: Extract<AgentMessage, { type: "register" }>): Promise<void> {
+    if (!this.deps.accepting()) {
+      this.send({ type: "error", code: "unavailable", message: "the service is shutting down; connect to another instance" });
+      void this.close("refused: shutting down");
+      return;
+    }
     this.agentId = message.agentId || randomUUID();
     this.agentName = message.agentName || this.agentId;
     this.agentType = message.agentType || "generic";
@@ -177,19 +189,74 @@ export class AgentSession {
   private async fail(message: Extract<AgentMessage, { type: "task_failed" }>): Promise<void> {
     const lease = this.held.get(message.taskId);
     const attempt = message.attempt || lease?.attempt || 0;
-    // Retries with backoff are not built yet: every reported failure is final.
-    const failed = lease
-      ? await this.deps.tasks.fail(message.taskId, this.agentId, attempt, message.error || "task failed", this.deps.clock())
-      : null;
+    const error = message.error || "task failed";
+    const now = this.deps.clock();
+    const failed = !lease
+      ? null
+      : message.retryable === false
+        ? await this.deps.tasks.fail(message.taskId, this.agentId, attempt, error, now)
+        : await this.deps.tasks.retryOrFail(message.taskId, this.agentId, attempt, error, now, this.retryAt(lease, now));
     if (failed) {
       this.held.delete(message.taskId);
       this.send({ type: "completion_ack", taskId: message.taskId });
-      this.log.info({ task_id: message.taskId, attempt, error: message.error, correlation_id: failed.correlationId }, "task failed");
+      this.log.info(
+        { task_id: message.taskId, attempt, error, retryable: message.retryable !== false, status: failed.status, correlation_id: failed.correlationId },
+        failed.status === "failed" ? "task failed" : "task attempt failed; retry scheduled",
+      );
       this.deps.events.publish(failed);
       this.slotFreed();
       return;
     }
+    // A repeat of a failure we recorded: the task has moved on (retry or FAILED).
+    const task = await this.deps.tasks.get(message.taskId);
+    if (task && !lease && task.attempt === attempt && (task.status === "failed" || task.status === "pending") && task.error === error) {
+      this.send({ type: "completion_ack", taskId: message.taskId });
+      return;
+    }
     await this.refuseResult(message.taskId, attempt, "failed");
+  }
+
+  /** When the next attempt may start, after this attempt of `task` failed. */
+  private retryAt(task: TaskRecord, now: Date): Date {
+    return new Date(now.getTime() + backoffMs(task.failedAttempts + 1, this.deps.retry));
+  }
+
+  /** When the attempt the agent holds for `task` runs out of time. */
+  deadlineOf(task: TaskRecord): number {
+    return (task.assignedAt ?? this.connectedAt).getTime() + (task.timeoutMs ?? this.deps.taskTimeoutMs);
+  }
+
+  /**
+   * Ends attempts past their execution timeout: the agent is told to stop
+   * (task_cancelled), its slot is freed, and the attempt counts as failed.
+   * Heartbeats keep a lease alive but never move this deadline.
+   */
+  expireOverdue(now: Date): void {
+    for (const task of this.held.values()) {
+      if (this.deadlineOf(task) > now.getTime()) continue;
+      this.held.delete(task.taskId);
+      this.send({ type: "task_cancelled", taskId: task.taskId });
+      const limit = task.timeoutMs ?? this.deps.taskTimeoutMs;
+      this.chain = this.chain.then(() => this.giveUp(task, `execution timeout after ${limit} ms`, now)).then(() => this.slotFreed());
+    }
+  }
+
+  /** Records a lost attempt (retry with backoff, or FAILED once exhausted), unless the lease already moved on. */
+  private async giveUp(task: TaskRecord, error: string, now: Date): Promise<void> {
+    try {
+      const after = await this.deps.tasks.retryOrFail(task.taskId, this.agentId, task.attempt, error, now, this.retryAt(task, now));
+      if (!after) return;
+      this.log.info({ task_id: task.taskId, attempt: task.attempt, status: after.status, error }, after.status === "failed" ? "task failed" : "task attempt lost; retry scheduled");
+      this.deps.events.publish(after);
+    } catch (e: unknown) {
+      // The lease stays in the database and expires; the sweeper retries it then.
+      this.log.error({ err: e, task_id: task.taskId }, "could not record the lost attempt");
+    }
+  }
+
+  /** Shutdown: asks the agent to finish what it holds within `graceMs`. */
+  drain(graceMs: number): void {
+    this.send({ type: "drain", graceMs });
   }
 
   /**
@@ -232,9 +299,10 @@ export class AgentSession {
   }
 
   /**
-   * Ends the session: stops dispatch to it, gives up its leases (tasks go back
-   * to the queue with their original priority and place) and ends the stream.
-   * Safe to call more than once; the returned promise settles when done.
+   * Ends the session: stops dispatch to it and ends the stream. Its tasks go
+   * back to the queue with their original priority and place: at once on a
+   * shutdown (not a failure), or after a backoff as a failed attempt when the
+   * agent was lost. Safe to call more than once; settles when done.
    */
   close(reason: string): Promise<void> {
     if (this.state === "closed") return this.chain;
@@ -247,22 +315,28 @@ export class AgentSession {
       if (!wasActive) return;
       const now = this.deps.clock();
       for (const task of this.held.values()) {
-        try {
-          const released = await this.deps.tasks.release(task.taskId, this.agentId, task.attempt, reason, now);
-          if (!released) continue;
-          await this.deps.queue.enqueue({ taskId: released.taskId, taskType: released.taskType, priority: released.priority, seq: released.seq });
-          this.log.info({ task_id: task.taskId, attempt: task.attempt, reason }, "task re-queued");
-          this.deps.events.publish(released);
-        } catch (e: unknown) {
-          // The row says PENDING or ASSIGNED; the start-up rebuild re-queues it.
-          this.log.error({ err: e, task_id: task.taskId }, "could not re-queue task of closed session");
-        }
+        if (reason === SERVER_SHUTDOWN) await this.handBack(task, now);
+        else await this.giveUp(task, `agent lost: ${reason}`, now);
       }
       this.held.clear();
       await this.deps.agents.setStatus(this.agentId, "disconnected", now).catch((e: unknown) => this.log.warn({ err: e }, "could not mark agent disconnected"));
       this.log.info({ reason }, "agent session closed");
     });
     return this.chain;
+  }
+
+  /** A clean hand-back (shutdown): straight back to the queue, not counted as a failure. */
+  private async handBack(task: TaskRecord, now: Date): Promise<void> {
+    try {
+      const released = await this.deps.tasks.release(task.taskId, this.agentId, task.attempt, SERVER_SHUTDOWN, now);
+      if (!released) return;
+      await this.deps.queue.enqueue({ taskId: released.taskId, taskType: released.taskType, priority: released.priority, seq: released.seq });
+      this.log.info({ task_id: task.taskId, attempt: task.attempt }, "task handed back to the queue");
+      this.deps.events.publish(released);
+    } catch (e: unknown) {
+      // PENDING rows are re-queued by the reconciler; an ASSIGNED one's lease expires.
+      this.log.error({ err: e, task_id: task.taskId }, "could not hand the task back");
+    }
   }
 
   private send(message: ServerMessage): void {

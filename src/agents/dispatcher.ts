@@ -13,6 +13,8 @@ export interface DispatcherOptions {
   log: Logger;
   clock: () => Date;
   latency: LatencyWindow;
+  /** Length of a lease; the sweeper renews it while the agent's session lives. */
+  leaseTtlMs: number;
   /** Back-off before retrying a dispatch pass that failed on the database or queue. */
   retryDelayMs?: number;
 }
@@ -64,8 +66,17 @@ export class Dispatcher {
     if (this.sessions.get(session.agentId) === session) this.sessions.delete(session.agentId);
   }
 
+  private readonly slotListeners = new Set<() => void>();
+
   slotFreed(): void {
+    for (const l of this.slotListeners) l();
     this.kick();
+  }
+
+  /** Subscribes to freed slots (shutdown waits on these). Returns an unsubscribe function. */
+  onSlotFreed(listener: () => void): () => void {
+    this.slotListeners.add(listener);
+    return () => this.slotListeners.delete(listener);
   }
 
   /** Requests a dispatch pass. */
@@ -122,7 +133,7 @@ export class Dispatcher {
       const now = this.o.clock();
       let task;
       try {
-        task = await this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId);
+        task = await this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, new Date(now.getTime() + this.o.leaseTtlMs));
       } catch (e: unknown) {
         // Put the entry back before giving up the pass, or it would be lost
         // from the index until the next rebuild.

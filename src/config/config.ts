@@ -32,6 +32,21 @@ const ConfigSchema = z
     HEARTBEAT_TIMEOUT_MS: durationMs(30_000),
     /** How long a new connection may take to show whether it speaks HTTP/2 or HTTP/1.1. */
     SNIFF_TIMEOUT_MS: durationMs(10_000),
+    /** How long a held task's lease lasts; renewed while its agent's session is alive. Default: HEARTBEAT_TIMEOUT_MS. */
+    LEASE_TTL_MS: z.coerce.number().int().positive().optional(),
+    /** How often expired leases, execution timeouts and due retries are looked for. */
+    SWEEP_INTERVAL_MS: durationMs(1_000),
+    /** Execution timeout of one attempt, for tasks that set none. */
+    TASK_TIMEOUT_MS: durationMs(60 * 60_000),
+    /** First retry delay; doubles per failed attempt, with jitter, up to RETRY_MAX_MS. */
+    RETRY_BASE_MS: durationMs(1_000),
+    RETRY_MAX_MS: durationMs(60_000),
+    /** How long an idempotency key returns its original task. */
+    IDEMPOTENCY_TTL_MS: durationMs(24 * 60 * 60_000),
+    MAX_DESCRIPTION_LENGTH: z.coerce.number().int().min(3).max(1_000_000).default(2000),
+    MAX_METADATA_BYTES: z.coerce.number().int().min(2).max(64 * 1024 * 1024).default(64 * 1024),
+    MAX_RESULT_BYTES: z.coerce.number().int().min(2).max(64 * 1024 * 1024).default(1024 * 1024),
+    MAX_JSON_DEPTH: z.coerce.number().int().min(1).max(1000).default(32),
     /** How often to check that the queue (Redis) still holds its data; it is rebuilt from the database if not. */
     RECONCILE_INTERVAL_MS: durationMs(5_000),
     /** How long shutdown waits for in-flight requests before closing them. */
@@ -42,6 +57,11 @@ const ConfigSchema = z
   .refine((c) => c.HEARTBEAT_TIMEOUT_MS > c.HEARTBEAT_INTERVAL_MS, {
     message: "must be greater than HEARTBEAT_INTERVAL_MS",
     path: ["HEARTBEAT_TIMEOUT_MS"],
+  })
+  .refine((c) => c.RETRY_MAX_MS >= c.RETRY_BASE_MS, { message: "must be at least RETRY_BASE_MS", path: ["RETRY_MAX_MS"] })
+  .refine((c) => c.LEASE_TTL_MS === undefined || c.LEASE_TTL_MS > c.HEARTBEAT_INTERVAL_MS, {
+    message: "must be greater than HEARTBEAT_INTERVAL_MS, or every lease would lapse between renewals",
+    path: ["LEASE_TTL_MS"],
   });
 
 export interface Config {
@@ -57,7 +77,29 @@ export interface Config {
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
   readonly reconcileIntervalMs: number;
+  readonly leaseTtlMs: number;
+  readonly sweepIntervalMs: number;
+  readonly taskTimeoutMs: number;
+  readonly retryBaseMs: number;
+  readonly retryMaxMs: number;
+  readonly idempotencyTtlMs: number;
+  readonly limits: Limits;
 }
+
+/** Bounds on client-supplied data, so one request cannot exhaust memory or the store. */
+export interface Limits {
+  readonly descriptionMaxLength: number;
+  readonly metadataMaxBytes: number;
+  readonly resultMaxBytes: number;
+  readonly jsonMaxDepth: number;
+}
+
+export const DEFAULT_LIMITS: Limits = Object.freeze({
+  descriptionMaxLength: 2000,
+  metadataMaxBytes: 64 * 1024,
+  resultMaxBytes: 1024 * 1024,
+  jsonMaxDepth: 32,
+});
 
 /** Thrown for invalid configuration; its message names every bad variable. */
 export class ConfigError extends Error {
@@ -97,5 +139,17 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
     reconcileIntervalMs: c.RECONCILE_INTERVAL_MS,
+    leaseTtlMs: c.LEASE_TTL_MS ?? c.HEARTBEAT_TIMEOUT_MS,
+    sweepIntervalMs: c.SWEEP_INTERVAL_MS,
+    taskTimeoutMs: c.TASK_TIMEOUT_MS,
+    retryBaseMs: c.RETRY_BASE_MS,
+    retryMaxMs: c.RETRY_MAX_MS,
+    idempotencyTtlMs: c.IDEMPOTENCY_TTL_MS,
+    limits: Object.freeze({
+      descriptionMaxLength: c.MAX_DESCRIPTION_LENGTH,
+      metadataMaxBytes: c.MAX_METADATA_BYTES,
+      resultMaxBytes: c.MAX_RESULT_BYTES,
+      jsonMaxDepth: c.MAX_JSON_DEPTH,
+    }),
   });
 }

@@ -6,7 +6,7 @@ import { toConnectError } from "../errors/errors.js";
 import type { LatencyWindow } from "./latency-window.js";
 
 export interface MetricsSnapshot {
-  tasks: Record<TaskStatus, number> & { total: number };
+  tasks: Record<TaskStatus, number> & { total: number; retryWaiting: number };
   queueDepth: QueueDepth;
   agents: { connected: number; idle: number; busy: number };
   completedPerMinute: number;
@@ -55,17 +55,18 @@ export function createMetricsService(o: {
   return {
     async snapshot(): Promise<MetricsSnapshot> {
       const now = o.clock();
-      const [counts, queueDepth, completedLastMinute] = await Promise.all([
+      const [counts, queueDepth, completedLastMinute, retryWaiting] = await Promise.all([
         o.tasks.countByStatus(),
         o.queue.depth(),
         o.tasks.countCompletedSince(new Date(now.getTime() - 60_000)),
+        o.tasks.countRetryWaiting(),
       ]).catch((e: unknown) => Promise.reject(toConnectError(e)));
       const sessions = o.dispatcher.list();
       const busy = sessions.filter((s) => s.held.size > 0).length;
       const p = o.latency.percentiles();
       const total = Object.values(counts).reduce((a, b) => a + b, 0);
       return {
-        tasks: { ...counts, total },
+        tasks: { ...counts, total, retryWaiting },
         queueDepth,
         agents: { connected: sessions.length, idle: sessions.length - busy, busy },
         completedPerMinute: completedLastMinute,

@@ -9,13 +9,15 @@ import { createAgentRepository } from "./agent-repository.js";
 import { ENTITIES } from "./entities/index.js";
 import { Migration20260101000000Initial as PostgresInitial } from "./migrations/postgresql/Migration20260101000000Initial.js";
 import { Migration20260101000000Initial as SqliteInitial } from "./migrations/sqlite/Migration20260101000000Initial.js";
+import { Migration20261124000000Leases as PostgresLeases } from "./migrations/postgresql/Migration20261124000000Leases.js";
+import { Migration20261124000000Leases as SqliteLeases } from "./migrations/sqlite/Migration20261124000000Leases.js";
 import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
 import { createTaskRepository } from "./task-repository.js";
 
 /** Migrations per dialect, imported (not globbed) so they load the same from src/, dist/ and vitest. */
 const MIGRATIONS = {
-  sqlite: [SqliteInitial],
-  postgresql: [PostgresInitial],
+  sqlite: [SqliteInitial, SqliteLeases],
+  postgresql: [PostgresInitial, PostgresLeases],
 } as const;
 
 /** How long to wait for a PostgreSQL connection before calling the database unreachable. */

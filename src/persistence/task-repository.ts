@@ -48,6 +48,12 @@ function toRecord(row: Task): TaskRecord {
     updatedAt: row.updatedAt,
     assignedAt: row.assignedAt ?? null,
     completedAt: row.completedAt ?? null,
+    failedAttempts: row.failedAttempts,
+    timeoutMs: row.timeoutMs ?? null,
+    leaseExpiresAt: row.leaseExpiresAt ?? null,
+    runAt: row.runAt ?? null,
+    idempotencyKey: row.idempotencyKey ?? null,
+    requestHash: row.requestHash ?? null,
   };
 }
 
@@ -117,6 +123,12 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
           updatedAt: task.createdAt,
           assignedAt: null,
           completedAt: null,
+          failedAttempts: 0,
+          timeoutMs: task.timeoutMs,
+          leaseExpiresAt: null,
+          runAt: null,
+          idempotencyKey: task.idempotencyKey,
+          requestHash: task.requestHash,
         });
         await em.insert(AuditLog, auditRow(task.taskId, audit, task.createdAt));
         return toRecord(await em.findOneOrFail(Task, { taskId: task.taskId }));
@@ -157,11 +169,11 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return rows.map(toRecord);
     },
 
-    assign(taskId, agentId, now, correlationId) {
+    assign(taskId, agentId, now, correlationId, leaseExpiresAt) {
       return transition(
         taskId,
         { status: "pending" },
-        { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now },
+        { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
         now,
         (after) => ({
           action: "task.assigned",
@@ -178,7 +190,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return transition(
         taskId,
         { status: "assigned", agentId, attempt },
-        { status: "completed", resultJson: JSON.stringify(result), completedAt: now, updatedAt: now },
+        { status: "completed", resultJson: JSON.stringify(result), completedAt: now, updatedAt: now, leaseExpiresAt: null },
         now,
         (after) => ({
           action: "task.completed",
@@ -195,7 +207,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return transition(
         taskId,
         { status: "assigned", agentId, attempt },
-        { status: "failed", error, completedAt: now, updatedAt: now },
+        { status: "failed", error, completedAt: now, updatedAt: now, leaseExpiresAt: null, failedAttempts: raw("failed_attempts + 1") },
         now,
         (after) => ({
           action: "task.failed",
@@ -212,7 +224,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return transition(
         taskId,
         { status: "assigned", agentId, attempt },
-        { status: "pending", agentId: null, updatedAt: now },
+        { status: "pending", agentId: null, updatedAt: now, leaseExpiresAt: null },
         now,
         (after) => ({
           action: "task.requeued",
@@ -236,7 +248,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         const after = await transition(
           taskId,
           { status: from, agentId: holder },
-          { status: "cancelled", completedAt: now, updatedAt: now },
+          { status: "cancelled", completedAt: now, updatedAt: now, leaseExpiresAt: null, runAt: null },
           now,
           (task) => ({
             action: "task.cancelled",
@@ -251,11 +263,86 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return null;
     },
 
-    async listRunnable(): Promise<TaskRecord[]> {
+    async listRunnable(now: Date): Promise<TaskRecord[]> {
       const rows = await deps
         .fork()
-        .find(Task, { status: "pending" }, { orderBy: [{ priority: "desc" }, { seq: "asc" }] });
+        .find(Task, { status: "pending", $or: [{ runAt: null }, { runAt: { $lte: now } }] }, { orderBy: [{ priority: "desc" }, { seq: "asc" }] });
       return rows.map(toRecord);
+    },
+
+    async retryOrFail(taskId, agentId, attempt, error, now, retryAt) {
+      // Whether this failure exhausts the attempts decides the new status, and
+      // the audit row must say which: read the count, then make it part of the
+      // compare-and-set so a concurrent change makes this a no-op.
+      const current = await deps.fork().findOne(Task, { taskId, status: "assigned", agentId, attempt }, { fields: ["failedAttempts", "maxAttempts"] });
+      if (!current) return null;
+      const failedAttempts = current.failedAttempts + 1;
+      const exhausted = failedAttempts >= current.maxAttempts;
+      return transition(
+        taskId,
+        { status: "assigned", agentId, attempt, failedAttempts: current.failedAttempts },
+        exhausted
+          ? { status: "failed", error, failedAttempts, completedAt: now, updatedAt: now, leaseExpiresAt: null }
+          : { status: "pending", error, failedAttempts, agentId: null, runAt: retryAt, updatedAt: now, leaseExpiresAt: null },
+        now,
+        (after) => ({
+          action: exhausted ? "task.failed" : "task.retry_scheduled",
+          fromStatus: "assigned",
+          toStatus: after.status,
+          agentId,
+          correlationId: after.correlationId,
+          details: { attempt, error, failed_attempts: failedAttempts, ...(exhausted ? {} : { retry_at: retryAt.toISOString() }) },
+        }),
+      );
+    },
+
+    retry(taskId, now, correlationId) {
+      return transition(
+        taskId,
+        { status: "failed" },
+        { status: "pending", failedAttempts: 0, agentId: null, runAt: null, completedAt: null, updatedAt: now },
+        now,
+        (after) => ({
+          action: "task.retried",
+          fromStatus: "failed",
+          toStatus: "pending",
+          agentId: null,
+          correlationId: correlationId ?? after.correlationId,
+        }),
+      );
+    },
+
+    async renewLeases(agentIds, leaseExpiresAt) {
+      if (agentIds.length === 0) return 0;
+      return deps.fork().nativeUpdate(Task, { status: "assigned", agentId: { $in: [...agentIds] } }, { leaseExpiresAt });
+    },
+
+    async listExpiredLeases(now, limit) {
+      const rows = await deps
+        .fork()
+        .find(Task, { status: "assigned", leaseExpiresAt: { $lt: now } }, { orderBy: { leaseExpiresAt: "asc" }, limit });
+      return rows.map(toRecord);
+    },
+
+    async listDueRetries(now, limit) {
+      const rows = await deps
+        .fork()
+        .find(Task, { status: "pending", runAt: { $lte: now } }, { orderBy: [{ priority: "desc" }, { seq: "asc" }], limit });
+      return rows.map(toRecord);
+    },
+
+    async markQueued(taskIds) {
+      if (taskIds.length === 0) return;
+      await deps.fork().nativeUpdate(Task, { status: "pending", taskId: { $in: [...taskIds] } }, { runAt: null });
+    },
+
+    async findByIdempotencyKey(key) {
+      const row = await deps.fork().findOne(Task, { idempotencyKey: key });
+      return row ? toRecord(row) : null;
+    },
+
+    async releaseIdempotencyKey(taskId, key) {
+      await deps.fork().nativeUpdate(Task, { taskId, idempotencyKey: key }, { idempotencyKey: null });
     },
 
     async listAssigned(): Promise<TaskRecord[]> {
@@ -280,6 +367,10 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         if (isTaskStatus(row.status)) counts[row.status] = Number(row.n);
       }
       return counts;
+    },
+
+    async countRetryWaiting(): Promise<number> {
+      return deps.fork().count(Task, { status: "pending", runAt: { $ne: null } });
     },
 
     async countCompletedSince(since: Date): Promise<number> {

@@ -8,6 +8,7 @@ export interface ReconcilerOptions {
   log: Logger;
   /** How often to check that the queue still holds its data. */
   checkIntervalMs: number;
+  clock?: () => Date;
 }
 
 /**
@@ -52,7 +53,7 @@ export class Reconciler {
       try {
         do {
           this.again = false;
-          const runnable = await this.o.tasks.listRunnable();
+          const runnable = await this.o.tasks.listRunnable((this.o.clock ?? (() => new Date()))());
           await this.o.queue.reconcile(
             runnable.map((t) => ({ taskId: t.taskId, taskType: t.taskType, priority: t.priority, seq: t.seq })),
             await this.o.tasks.maxSeq(),

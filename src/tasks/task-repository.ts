@@ -21,6 +21,9 @@ export interface NewTask {
   correlationId: string;
   seq: number;
   createdAt: Date;
+  timeoutMs: number | null;
+  idempotencyKey: string | null;
+  requestHash: string | null;
 }
 
 export interface ListTasksFilter {
@@ -44,24 +47,45 @@ export interface TaskRepository {
   deleteUnqueued(taskId: string): Promise<void>;
   get(taskId: string): Promise<TaskRecord | null>;
   list(filter: ListTasksFilter): Promise<TaskRecord[]>;
-  /** pending → assigned to `agentId`, attempt + 1. */
-  assign(taskId: string, agentId: string, now: Date, correlationId: string | null): Promise<TaskRecord | null>;
+  /** pending → assigned to `agentId`, attempt + 1, leased until `leaseExpiresAt`. */
+  assign(taskId: string, agentId: string, now: Date, correlationId: string | null, leaseExpiresAt: Date): Promise<TaskRecord | null>;
   /** assigned(agentId, attempt) → completed with result. */
   complete(taskId: string, agentId: string, attempt: number, result: JsonObject, now: Date): Promise<TaskRecord | null>;
-  /** assigned(agentId, attempt) → failed with error. */
+  /** assigned(agentId, attempt) → failed with error, at once (a non-retryable failure). */
   fail(taskId: string, agentId: string, attempt: number, error: string, now: Date): Promise<TaskRecord | null>;
-  /** assigned(agentId, attempt) → pending (lease given up; keeps seq and priority). */
+  /**
+   * assigned(agentId, attempt) → the attempt failed: pending again, to run
+   * from `retryAt` on, or failed for good once failed attempts reach
+   * max_attempts. Keeps seq and priority.
+   */
+  retryOrFail(taskId: string, agentId: string, attempt: number, error: string, now: Date, retryAt: Date): Promise<TaskRecord | null>;
+  /** assigned(agentId, attempt) → pending at once, not counted as a failure (the holder handed it back cleanly). */
   release(taskId: string, agentId: string, attempt: number, reason: string, now: Date): Promise<TaskRecord | null>;
   /** pending|assigned → cancelled. */
   cancel(taskId: string, now: Date, correlationId: string | null): Promise<TaskRecord | null>;
-  /** Every runnable (pending) task, in queue order: priority desc, seq asc. */
-  listRunnable(): Promise<TaskRecord[]>;
+  /** failed → pending with a fresh set of attempts (operator re-queue). */
+  retry(taskId: string, now: Date, correlationId: string | null): Promise<TaskRecord | null>;
+  /** Extends the leases of every task these agents hold. Returns how many. */
+  renewLeases(agentIds: readonly string[], leaseExpiresAt: Date): Promise<number>;
+  /** Assigned tasks whose lease ran out before `now` (their holder is gone), oldest lease first. */
+  listExpiredLeases(now: Date, limit: number): Promise<TaskRecord[]>;
+  /** Pending retries whose backoff has passed, in queue order. */
+  listDueRetries(now: Date, limit: number): Promise<TaskRecord[]>;
+  /** Marks due retries as queued (clears run_at) so later sweeps skip them. */
+  markQueued(taskIds: readonly string[]): Promise<void>;
+  findByIdempotencyKey(key: string): Promise<TaskRecord | null>;
+  /** Frees a key whose retention window has passed, so it can be used again. */
+  releaseIdempotencyKey(taskId: string, key: string): Promise<void>;
+  /** Every pending task ready to run at `now` (no backoff left), in queue order: priority desc, seq asc. */
+  listRunnable(now: Date): Promise<TaskRecord[]>;
   /** Every assigned task, for start-up recovery. */
   listAssigned(): Promise<TaskRecord[]>;
   /** Highest seq ever handed out, 0 if none. */
   maxSeq(): Promise<number>;
   countByStatus(): Promise<Record<TaskStatus, number>>;
   countCompletedSince(since: Date): Promise<number>;
+  /** PENDING tasks waiting out a retry backoff (not in the queue yet). */
+  countRetryWaiting(): Promise<number>;
   /** Audit rows of one task, oldest first. */
   auditTrail(taskId: string): Promise<Array<AuditEntry & { createdAt: Date }>>;
 }

@@ -1,3 +1,5 @@
+import { createHash } from "node:crypto";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { uuidv7 } from "../ids.js";
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
@@ -5,14 +7,19 @@ import { failedPrecondition, invalidArgument, notFound, toConnectError, unavaila
 import type { TaskEvents } from "./task-events.js";
 import type { TaskRepository } from "./task-repository.js";
 import { isTerminal } from "./task-state.js";
-import type { TaskRecord, TaskStatus, TaskType } from "./task-types.js";
-import { validateCreateTask, type CreateTaskInput } from "./task-validation.js";
+import type { JsonValue, TaskRecord, TaskStatus, TaskType } from "./task-types.js";
+import type { ValidCreateTask, CreateTaskInput } from "./task-validation.js";
 
 export interface TaskServiceOptions {
   tasks: TaskRepository;
   queue: PriorityQueue;
   events: TaskEvents;
   log: Logger;
+  validate: (input: CreateTaskInput) => ValidCreateTask;
+  /** How long an idempotency key returns its original task. */
+  idempotencyTtlMs: number;
+  /** False once shutdown has begun: new work is refused so it can land on a live instance. */
+  accepting: () => boolean;
   clock?: () => Date;
 }
 
@@ -40,6 +47,23 @@ function encodePageToken(task: TaskRecord): string {
   return Buffer.from(`${task.createdAt.getTime()}:${task.taskId}`).toString("base64url");
 }
 
+/** JSON with object keys sorted, so equal requests hash equally whatever their key order. */
+function canonical(value: JsonValue): string {
+  if (value === null || typeof value !== "object") return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  const keys = Object.keys(value).sort();
+  return `{${keys.map((k) => `${JSON.stringify(k)}:${canonical(value[k]!)}`).join(",")}}`;
+}
+
+/** Fingerprint of what a create asks for, to tell a repeat from a different request reusing its key. */
+function requestHash(v: ValidCreateTask): string {
+  const body = canonical({ t: v.taskType, d: v.description, p: v.priority, m: v.metadata, a: v.maxAttempts, o: v.timeoutMs });
+  return createHash("sha256").update(body).digest("hex");
+}
+
+const keyConflict = (key: string) =>
+  new ConnectError(`idempotency key "${key}" was already used for a different request`, Code.AlreadyExists);
+
 function decodePageToken(token: string): { createdAt: Date; taskId: string } {
   const [ms, taskId] = Buffer.from(token, "base64url").toString().split(":");
   const when = Number(ms);
@@ -55,7 +79,7 @@ export type TaskService = ReturnType<typeof createTaskService>;
  * Task use cases shared by every transport. The database row is written first
  * and is the source of truth; the queue is only an index of runnable work.
  */
-export function createTaskService({ tasks, queue, events, log, clock = () => new Date() }: TaskServiceOptions) {
+export function createTaskService({ tasks, queue, events, log, validate, idempotencyTtlMs, accepting, clock = () => new Date() }: TaskServiceOptions) {
   async function getOrThrow(taskId: string): Promise<TaskRecord> {
     if (!UUID.test(taskId)) throw notFound("task", taskId);
     const task = await tasks.get(taskId).catch((e: unknown) => Promise.reject(toConnectError(e)));
@@ -63,14 +87,40 @@ export function createTaskService({ tasks, queue, events, log, clock = () => new
     return task;
   }
 
+  /**
+   * The task an idempotency key already stands for: the original for a
+   * repeat of the same request within the retention window, ALREADY_EXISTS
+   * for a different request, and nothing (the key is freed) once it expired.
+   */
+  async function replayOf(key: string, hash: string): Promise<TaskRecord | null> {
+    const existing = await tasks.findByIdempotencyKey(key);
+    if (!existing) return null;
+    if (clock().getTime() - existing.createdAt.getTime() > idempotencyTtlMs) {
+      await tasks.releaseIdempotencyKey(existing.taskId, key);
+      return null;
+    }
+    if (existing.requestHash !== hash) throw keyConflict(key);
+    return existing;
+  }
+
   return {
     /**
      * Stores a PENDING task and queues it. If the queue cannot take it, the
      * row is removed again and the caller gets UNAVAILABLE: no task exists
-     * that the queue does not know about.
+     * that the queue does not know about. With an idempotency key, a repeat
+     * returns the original task instead.
      */
     async create(input: CreateTaskInput, ctx: RequestContext): Promise<TaskRecord> {
-      const valid = validateCreateTask(input);
+      if (!accepting()) throw unavailable("the service is shutting down; send the task to another instance");
+      const valid = validate(input);
+      const hash = valid.idempotencyKey ? requestHash(valid) : null;
+      if (valid.idempotencyKey) {
+        const original = await replayOf(valid.idempotencyKey, hash!).catch((e: unknown) => Promise.reject(toConnectError(e)));
+        if (original) {
+          ctx.log.info({ task_id: original.taskId, idempotency_key: valid.idempotencyKey }, "idempotent repeat; returning the original task");
+          return original;
+        }
+      }
       let seq: number;
       try {
         seq = await queue.allocateSeq();
@@ -80,12 +130,21 @@ export function createTaskService({ tasks, queue, events, log, clock = () => new
       }
       // Time-ordered ids keep "newest first" stable for tasks created in the same millisecond.
       const taskId = uuidv7();
-      const task = await tasks
-        .insert(
-          { taskId, ...valid, correlationId: ctx.correlationId, seq, createdAt: clock() },
+      let task: TaskRecord;
+      try {
+        task = await tasks.insert(
+          { taskId, ...valid, requestHash: hash, correlationId: ctx.correlationId, seq, createdAt: clock() },
           { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null, correlationId: ctx.correlationId },
-        )
-        .catch((e: unknown) => Promise.reject(toConnectError(e)));
+        );
+      } catch (e: unknown) {
+        const err = toConnectError(e);
+        // Two creates with one key raced and the other won: answer as its repeat.
+        if (err.code === Code.AlreadyExists && valid.idempotencyKey) {
+          const original = await replayOf(valid.idempotencyKey, hash!);
+          if (original) return original;
+        }
+        throw err;
+      }
       try {
         await queue.enqueue({ taskId, taskType: task.taskType, priority: task.priority, seq });
       } catch (e: unknown) {
@@ -138,6 +197,21 @@ export function createTaskService({ tasks, queue, events, log, clock = () => new
         await queue.remove(taskId, task.taskType).catch((e: unknown) => ctx.log.warn({ err: e, task_id: taskId }, "could not unqueue cancelled task"));
       }
       ctx.log.info({ task_id: taskId, agent_id: before.agentId }, "task cancelled");
+      events.publish(task);
+      return task;
+    },
+
+    /** Puts a FAILED task back in the queue with a fresh set of attempts. */
+    async retry(taskId: string, ctx: RequestContext): Promise<TaskRecord> {
+      if (!accepting()) throw unavailable("the service is shutting down; send the request to another instance");
+      const before = await getOrThrow(taskId);
+      const task = before.status === "failed" ? await tasks.retry(taskId, clock(), ctx.correlationId).catch((e: unknown) => Promise.reject(toConnectError(e))) : null;
+      if (!task) throw failedPrecondition(`task ${taskId} is ${(await getOrThrow(taskId)).status}; only a failed task can be retried`);
+      await queue.enqueue({ taskId, taskType: task.taskType, priority: task.priority, seq: task.seq }).catch((e: unknown) => {
+        // The row is PENDING; the reconciler queues it once the queue is back.
+        ctx.log.warn({ err: e, task_id: taskId }, "could not queue the retried task yet");
+      });
+      ctx.log.info({ task_id: taskId }, "task retried");
       events.publish(task);
       return task;
     },

@@ -49,6 +49,17 @@ export interface TaskRecord {
   updatedAt: Date;
   assignedAt: Date | null;
   completedAt: Date | null;
+  /** Attempts that ended in failure; retries stop when it reaches maxAttempts. */
+  failedAttempts: number;
+  /** Execution timeout for one attempt; null means the server default. */
+  timeoutMs: number | null;
+  /** When the holder's lease runs out unless its heartbeats renew it. */
+  leaseExpiresAt: Date | null;
+  /** A retry waiting out its backoff is queued once this time passes. */
+  runAt: Date | null;
+  idempotencyKey: string | null;
+  /** Fingerprint of the create request, to tell a repeat from a conflicting reuse of its key. */
+  requestHash: string | null;
 }
 
 export function isTaskType(value: unknown): value is TaskType {

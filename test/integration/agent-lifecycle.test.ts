@@ -59,6 +59,8 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     await g.waitFor((a) => a.closed, 5000, "grpc stream ended");
     await w.waitFor((a) => a.closed, 5000, "socket closed");
     expect(w.closeCode).toBe(1001);
+    // Both were asked to drain first, with the grace period they had.
+    for (const agent of [g, w]) expect(agent.frames.map((f) => f.type)).toContain("drain");
     const restart = other ?? (await start(name, { shareWith: s }));
     for (const id of ids) {
       expect((await restart.persistence.tasks.get(id))!.status).toBe("pending");
@@ -72,18 +74,22 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     expect(next.assignments.map((a) => a.attempt)).toEqual([2, 2]);
   });
 
-  it.skipIf(!available || name !== "embedded")("a restarted single instance re-queues work in priority and FIFO order, including orphaned leases", async () => {
+  it.skipIf(!available || name !== "embedded")("a restarted single instance re-queues work in priority and FIFO order; an orphaned lease comes back as a failed attempt", async () => {
     const first = await start("embedded");
     const ids: Array<{ id: string; priority: number }> = [];
     for (const [i, priority] of [3, 7, 3, 9, 7].entries()) ids.push({ id: await postTask(first, { task_type: "research", description: `research ${i}`, priority }), priority });
     // A lease held by an agent of the previous life (the process died with it).
-    await first.persistence.tasks.assign(ids[1]!.id, "ghost-agent", new Date(), null);
+    await first.persistence.tasks.assign(ids[1]!.id, "ghost-agent", new Date(), null, new Date(Date.now() + 60_000));
     await first.app.close();
     const second = await start("embedded", { shareWith: first });
     const a = track(await GrpcAgent.connect(second.port, { autoComplete: () => ({}) }));
     await a.waitFor((x) => x.assignments.length === 5, 10_000, "all five");
-    expect(a.assignments.map((x) => x.taskId)).toEqual([ids[3]!.id, ids[1]!.id, ids[4]!.id, ids[0]!.id, ids[2]!.id]);
-    expect(a.assignments[1]!.attempt).toBe(2);
+    // The waiting tasks in priority/FIFO order; the orphan after its retry backoff.
+    expect(a.assignments.map((x) => x.taskId)).toEqual([ids[3]!.id, ids[4]!.id, ids[0]!.id, ids[2]!.id, ids[1]!.id]);
+    expect(a.assignments[4]).toMatchObject({ attempt: 2, priority: 7 });
+    await a.waitForFrame("completion_ack", 5);
+    const orphan = (await second.persistence.tasks.get(ids[1]!.id))!;
+    expect(orphan).toMatchObject({ status: "completed", failedAttempts: 1, error: "orchestrator restarted while the task was running" });
   });
 
   it.skipIf(!available || name === "embedded")("instances sharing PostgreSQL and Redis share the work", async () => {

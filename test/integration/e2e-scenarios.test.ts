@@ -155,7 +155,7 @@ describe.each(BACKENDS)("seed e2e scenarios on $name", ({ name, available }) => 
     await a.end();
   });
 
-  it.skipIf(!available)("concurrent processing: several agents, hundreds of tasks, each completed exactly once", async () => {
+  it.skipIf(!available)("concurrent processing: several agents, hundreds of tasks, each completed exactly once", { timeout: 90_000 }, async () => {
     const pool = [
       track(await GrpcAgent.connect(s.port, { maxConcurrency: 5, autoComplete: (t) => ({ by: "g1", id: t.taskId }) })),
       track(await GrpcAgent.connect(s.port, { maxConcurrency: 5, capabilities: ["code", "qa"], autoComplete: (t) => ({ by: "g2", id: t.taskId }) })),
@@ -187,7 +187,7 @@ describe.each(BACKENDS)("seed e2e scenarios on $name", ({ name, available }) => 
     for (const a of pool) await a.end();
   });
 
-  it.skipIf(!available)("queue contention: many concurrent producers lose nothing and keep order", async () => {
+  it.skipIf(!available)("queue contention: many concurrent producers lose nothing and keep order", { timeout: 90_000 }, async () => {
     const producers = 20;
     const perProducer = 15;
     const created: Array<{ id: string; producer: number; k: number; priority: number }> = [];

@@ -320,7 +320,8 @@ describe("bad input is refused with the right code (embedded)", () => {
       [{ task_type: "TASK_TYPE_CODE", description: "ab" }, grpc.status.INVALID_ARGUMENT, "description: must be at least 3 characters"],
       [{ task_type: "TASK_TYPE_CODE", description: "valid text", priority: 11 }, grpc.status.INVALID_ARGUMENT, "priority: must be between 0 and 10"],
       [{ task_type: "TASK_TYPE_CODE", description: "valid text", priority: -1 }, grpc.status.INVALID_ARGUMENT, "priority"],
-      [{ task_type: "TASK_TYPE_CODE", description: "valid text", idempotency_key: "k1" }, grpc.status.UNIMPLEMENTED, "idempotency_key"],
+      [{ task_type: "TASK_TYPE_CODE", description: "valid text", idempotency_key: "k".repeat(201) }, grpc.status.INVALID_ARGUMENT, "idempotency_key"],
+      [{ task_type: "TASK_TYPE_CODE", description: "valid text", timeout_ms: -5 }, grpc.status.INVALID_ARGUMENT, "timeout_ms"],
       [{ task_type: "TASK_TYPE_CODE", description: "valid text", webhook_url: "http://x" }, grpc.status.UNIMPLEMENTED, "webhook_url"],
     ];
     for (const [req, code, text] of cases) {
@@ -512,7 +513,7 @@ describe("grpc.health.v1 and server reflection over the wire (embedded)", () => 
       expect(files[0]).toBe("aaos/v1/task_service.proto");
       expect(files).toEqual(expect.arrayContaining(["aaos/v1/task.proto", "google/protobuf/struct.proto"]));
       const svc = protos[0]!.service.find((x) => x.name === "TaskService")!;
-      expect(svc.method.map((m) => m.name)).toEqual(["CreateTask", "GetTask", "ListTasks", "CancelTask", "WatchTask"]);
+      expect(svc.method.map((m) => m.name)).toEqual(["CreateTask", "GetTask", "ListTasks", "CancelTask", "RetryTask", "WatchTask"]);
 
       call.write({ file_containing_symbol: "aaos.v1.SessionRequest" });
       await eventually(() => answers.length >= 3, 5000, "message symbol");

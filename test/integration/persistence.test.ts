@@ -144,6 +144,9 @@ function newTask(overrides: Partial<NewTask> = {}): NewTask {
     correlationId: `corr-${seq}`,
     seq,
     createdAt: new Date(Date.UTC(2026, 0, 1, 0, 0, 0, seq)),
+    timeoutMs: null,
+    idempotencyKey: null,
+    requestHash: null,
     ...overrides,
   };
 }
@@ -198,8 +201,8 @@ for (const backend of backends) {
       const second = await openDb({ ...options, log });
       expect(infos).toEqual(["database migrated"]);
       expect(await second.tasks.get(task.taskId)).toEqual(task);
-      const rows = await backend.exec(options, "select name from mikro_orm_migrations");
-      expect(rows).toHaveLength(1);
+      const rows = (await backend.exec(options, "select name from mikro_orm_migrations order by id")) as Array<{ name: string }>;
+      expect(rows.map((r) => r.name)).toEqual(["Migration20260101000000Initial", "Migration20261124000000Leases"]);
       await expect(second.ping()).resolves.toBeUndefined();
       // The hand-frozen migration and the entities describe the same schema.
       expect(await backend.schemaDiff(options)).toBe("");
@@ -238,6 +241,12 @@ for (const backend of backends) {
         updatedAt: task.createdAt,
         assignedAt: null,
         completedAt: null,
+        failedAttempts: 0,
+        timeoutMs: null,
+        leaseExpiresAt: null,
+        runAt: null,
+        idempotencyKey: null,
+        requestHash: null,
       });
       // Millisecond precision survives the round trip on both dialects.
       expect(record.createdAt.getUTCMilliseconds()).toBe(task.createdAt.getUTCMilliseconds());
@@ -270,7 +279,7 @@ for (const backend of backends) {
       expect(seen).toEqual(expected);
 
       expect((await db.tasks.list({ limit: 10, taskType: "qa" })).map((t) => t.taskId)).toEqual(expected.slice(0, 3));
-      await db.tasks.assign(tasks[0]!.taskId, "agent-1", later(10_000), null);
+      await db.tasks.assign(tasks[0]!.taskId, "agent-1", later(10_000), null, later(10_000 + 30_000));
       expect((await db.tasks.list({ limit: 10, status: "assigned" })).map((t) => t.taskId)).toEqual([tasks[0]!.taskId]);
       expect(await db.tasks.list({ limit: 10, status: "assigned", taskType: "qa" })).toEqual([]);
     });
@@ -278,7 +287,7 @@ for (const backend of backends) {
     it("assign → complete records the lease, the result and one audit row per change", async () => {
       const db = await freshDb();
       const task = await insert(db);
-      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), "corr-assign");
+      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), "corr-assign", later(1 + 30_000));
       expect(assigned).toMatchObject({
         status: "assigned",
         agentId: "agent-1",
@@ -337,12 +346,12 @@ for (const backend of backends) {
     it("fail records the error; release requeues at the same place and the next assign is attempt 2", async () => {
       const db = await freshDb();
       const task = await insert(db, { priority: 7 });
-      await db.tasks.assign(task.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(task.taskId, "agent-1", later(1), null, later(1 + 30_000));
       const released = await db.tasks.release(task.taskId, "agent-1", 1, "agent disconnected", later(2));
       expect(released).toMatchObject({ status: "pending", agentId: null, attempt: 1, priority: 7, seq: task.seq, updatedAt: later(2) });
-      expect((await db.tasks.listRunnable()).map((t) => t.taskId)).toEqual([task.taskId]);
+      expect((await db.tasks.listRunnable(later(1_000_000))).map((t) => t.taskId)).toEqual([task.taskId]);
 
-      const again = await db.tasks.assign(task.taskId, "agent-2", later(3), null);
+      const again = await db.tasks.assign(task.taskId, "agent-2", later(3), null, later(3 + 30_000));
       expect(again).toMatchObject({ status: "assigned", agentId: "agent-2", attempt: 2, assignedAt: later(3) });
       const failed = await db.tasks.fail(task.taskId, "agent-2", 2, "boom", later(4));
       expect(failed).toMatchObject({ status: "failed", error: "boom", agentId: "agent-2", attempt: 2, completedAt: later(4) });
@@ -367,13 +376,13 @@ for (const backend of backends) {
       expect(await db.tasks.cancel(pending.taskId, later(2), null)).toBeNull();
 
       const held = await insert(db);
-      await db.tasks.assign(held.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(held.taskId, "agent-1", later(1), null, later(1 + 30_000));
       expect(await db.tasks.cancel(held.taskId, later(2), null)).toMatchObject({ status: "cancelled", agentId: "agent-1" });
       // The lease is gone: the former holder can no longer complete it.
       expect(await db.tasks.complete(held.taskId, "agent-1", 1, {}, later(3))).toBeNull();
 
       const done = await insert(db);
-      await db.tasks.assign(done.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(done.taskId, "agent-1", later(1), null, later(1 + 30_000));
       await db.tasks.complete(done.taskId, "agent-1", 1, {}, later(2));
       expect(await db.tasks.cancel(done.taskId, later(3), null)).toBeNull();
       expect(await db.tasks.cancel(randomUUID(), later(3), null)).toBeNull();
@@ -397,8 +406,8 @@ for (const backend of backends) {
       const task = await insert(db);
       expect(await db.tasks.complete(task.taskId, "agent-1", 0, {}, later(1))).toBeNull(); // still pending
       expect(await db.tasks.release(task.taskId, "agent-1", 0, "x", later(1))).toBeNull();
-      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), null);
-      expect(await db.tasks.assign(task.taskId, "agent-2", later(2), null)).toBeNull(); // already assigned
+      const assigned = await db.tasks.assign(task.taskId, "agent-1", later(1), null, later(1 + 30_000));
+      expect(await db.tasks.assign(task.taskId, "agent-2", later(2), null, later(2 + 30_000))).toBeNull(); // already assigned
 
       expect(await db.tasks.complete(task.taskId, "agent-2", 1, {}, later(2))).toBeNull();
       expect(await db.tasks.complete(task.taskId, "agent-1", 2, {}, later(2))).toBeNull();
@@ -406,7 +415,7 @@ for (const backend of backends) {
       expect(await db.tasks.fail(task.taskId, "agent-1", 0, "no", later(2))).toBeNull();
       expect(await db.tasks.release(task.taskId, "agent-2", 1, "no", later(2))).toBeNull();
       expect(await db.tasks.release(task.taskId, "agent-1", 3, "no", later(2))).toBeNull();
-      expect(await db.tasks.assign(randomUUID(), "agent-1", later(2), null)).toBeNull();
+      expect(await db.tasks.assign(randomUUID(), "agent-1", later(2), null, later(2 + 30_000))).toBeNull();
 
       expect(await db.tasks.get(task.taskId)).toEqual(assigned);
       expect((await db.tasks.auditTrail(task.taskId)).map((a) => a.action)).toEqual(["task.created", "task.assigned"]);
@@ -422,7 +431,7 @@ for (const backend of backends) {
       const db = await freshDb();
       const task = await insert(db);
       const results = await Promise.all(
-        Array.from({ length: 10 }, (_, i) => db.tasks.assign(task.taskId, `agent-${i}`, later(1), null)),
+        Array.from({ length: 10 }, (_, i) => db.tasks.assign(task.taskId, `agent-${i}`, later(1), null, later(1 + 30_000))),
       );
       const winners = results.filter((r) => r !== null);
       expect(winners).toHaveLength(1);
@@ -452,15 +461,15 @@ for (const backend of backends) {
       // Big seq values (beyond 32 bits) survive the bigint column.
       const big = await insert(db, { seq: 2 ** 40, priority: 0 });
       const [a, b, c] = [tasks[0]!, tasks[1]!, tasks[2]!];
-      await db.tasks.assign(a.taskId, "agent-1", later(1), null);
-      await db.tasks.assign(b.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(a.taskId, "agent-1", later(1), null, later(1 + 30_000));
+      await db.tasks.assign(b.taskId, "agent-1", later(1), null, later(1 + 30_000));
       await db.tasks.complete(b.taskId, "agent-1", 1, {}, later(2));
       await db.tasks.cancel(c.taskId, later(2), null);
       const failing = await insert(db, { seq: base + 7 });
-      await db.tasks.assign(failing.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(failing.taskId, "agent-1", later(1), null, later(1 + 30_000));
       await db.tasks.fail(failing.taskId, "agent-1", 1, "x", later(2));
 
-      expect((await db.tasks.listRunnable()).map((t) => t.seq)).toEqual([base + 4, base + 2, base + 6, 2 ** 40]);
+      expect((await db.tasks.listRunnable(later(1_000_000))).map((t) => t.seq)).toEqual([base + 4, base + 2, base + 6, 2 ** 40]);
       expect((await db.tasks.listAssigned()).map((t) => t.taskId)).toEqual([a.taskId]);
       expect(await db.tasks.countByStatus()).toEqual({ pending: 4, assigned: 1, completed: 1, failed: 1, cancelled: 1 });
       expect(await db.tasks.maxSeq()).toBe(big.seq);
@@ -474,7 +483,7 @@ for (const backend of backends) {
       expect(await db.tasks.auditTrail(task.taskId)).toEqual([]);
 
       const handedOut = await insert(db);
-      await db.tasks.assign(handedOut.taskId, "agent-1", later(1), null);
+      await db.tasks.assign(handedOut.taskId, "agent-1", later(1), null, later(1 + 30_000));
       await db.tasks.deleteUnqueued(handedOut.taskId);
       expect(await db.tasks.get(handedOut.taskId)).not.toBeNull();
     });
@@ -529,6 +538,69 @@ for (const backend of backends) {
         createdAt: t0,
         updatedAt: later(5),
       });
+    });
+
+    it("retryOrFail schedules a retry with backoff until max_attempts, then fails for good; retry starts over", async () => {
+      const db = await freshDb();
+      const task = newTask({ maxAttempts: 2 });
+      await db.tasks.insert(task, created(task));
+      const first = (await db.tasks.assign(task.taskId, "agent-1", later(1), null, later(30_000)))!;
+      expect(first.leaseExpiresAt).toEqual(later(30_000));
+      // Only the holder of the current attempt can fail it.
+      expect(await db.tasks.retryOrFail(task.taskId, "agent-2", 1, "x", later(2), later(500))).toBeNull();
+      expect(await db.tasks.retryOrFail(task.taskId, "agent-1", 2, "x", later(2), later(500))).toBeNull();
+      const retrying = (await db.tasks.retryOrFail(task.taskId, "agent-1", 1, "boom", later(2), later(500)))!;
+      expect(retrying).toMatchObject({ status: "pending", failedAttempts: 1, error: "boom", agentId: null, runAt: later(500), leaseExpiresAt: null, attempt: 1 });
+      // Not runnable before its backoff has passed; due after.
+      expect((await db.tasks.listRunnable(later(100))).map((t) => t.taskId)).not.toContain(task.taskId);
+      expect(await db.tasks.listDueRetries(later(100), 10)).toEqual([]);
+      expect((await db.tasks.listDueRetries(later(600), 10)).map((t) => t.taskId)).toEqual([task.taskId]);
+      expect(await db.tasks.countRetryWaiting()).toBe(1);
+      await db.tasks.markQueued([task.taskId]);
+      expect(await db.tasks.listDueRetries(later(600), 10)).toEqual([]);
+      expect(await db.tasks.countRetryWaiting()).toBe(0);
+      await db.tasks.assign(task.taskId, "agent-2", later(700), null, later(30_000));
+      const dead = (await db.tasks.retryOrFail(task.taskId, "agent-2", 2, "boom again", later(800), later(2000)))!;
+      expect(dead).toMatchObject({ status: "failed", failedAttempts: 2, error: "boom again", completedAt: later(800), runAt: null });
+      const again = (await db.tasks.retry(task.taskId, later(900), "corr-retry"))!;
+      expect(again).toMatchObject({ status: "pending", failedAttempts: 0, completedAt: null, attempt: 2 });
+      expect(await db.tasks.retry(task.taskId, later(901), null)).toBeNull(); // only from failed
+      expect((await db.tasks.auditTrail(task.taskId)).map((r) => r.action)).toEqual([
+        "task.created",
+        "task.assigned",
+        "task.retry_scheduled",
+        "task.assigned",
+        "task.failed",
+        "task.retried",
+      ]);
+    });
+
+    it("renews leases of the given agents only, and lists expired ones", async () => {
+      const db = await freshDb();
+      const [a, b] = [newTask(), newTask()];
+      for (const t of [a, b]) await db.tasks.insert(t, created(t));
+      await db.tasks.assign(a.taskId, "agent-a", later(1), null, later(1000));
+      await db.tasks.assign(b.taskId, "agent-b", later(1), null, later(1000));
+      expect(await db.tasks.renewLeases(["agent-a"], later(5000))).toBe(1);
+      expect(await db.tasks.renewLeases([], later(5000))).toBe(0);
+      expect((await db.tasks.listExpiredLeases(later(2000), 10)).map((t) => t.taskId)).toEqual([b.taskId]);
+      expect(await db.tasks.listExpiredLeases(later(500), 10)).toEqual([]);
+      // Completing clears the lease.
+      const done = (await db.tasks.complete(a.taskId, "agent-a", 1, {}, later(10)))!;
+      expect(done.leaseExpiresAt).toBeNull();
+    });
+
+    it("finds a task by idempotency key, refuses a second row with the same key, and frees an expired key", async () => {
+      const db = await freshDb();
+      const first = newTask({ idempotencyKey: "order-42", requestHash: "h1" });
+      await db.tasks.insert(first, created(first));
+      expect(await db.tasks.findByIdempotencyKey("order-42")).toMatchObject({ taskId: first.taskId, requestHash: "h1" });
+      const clash = newTask({ idempotencyKey: "order-42", requestHash: "h2" });
+      await expect(db.tasks.insert(clash, created(clash))).rejects.toThrow();
+      await db.tasks.releaseIdempotencyKey(first.taskId, "order-42");
+      expect(await db.tasks.findByIdempotencyKey("order-42")).toBeNull();
+      await db.tasks.insert(clash, created(clash));
+      expect((await db.tasks.findByIdempotencyKey("order-42"))!.taskId).toBe(clash.taskId);
     });
   });
 }

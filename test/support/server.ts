@@ -63,7 +63,8 @@ export interface StartOptions {
 export async function startServer(backend: BackendName, options: StartOptions = {}): Promise<TestServer> {
   const logs = new LogCapture();
   const log = createLogger({ level: "info", destination: logs });
-  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", ...options.env });
+  // A short grace period keeps suites quick when agents still hold tasks at the end.
+  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", SHUTDOWN_GRACE_MS: "1000", ...options.env });
   const cleanups: Array<() => Promise<void>> = [];
   let persistence: Persistence;
   let queue;

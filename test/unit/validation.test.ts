@@ -1,8 +1,14 @@
 import { describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
-import { validateCreateTask, LIMITS } from "../../src/tasks/task-validation.js";
+import { createTaskValidator } from "../../src/tasks/task-validation.js";
+import { DEFAULT_LIMITS } from "../../src/config/config.js";
 import { ValidationError, httpStatusOf, toConnectError, wsCodeOf } from "../../src/errors/errors.js";
-import { parseAgentMessage } from "../../src/agents/agent-messages.js";
+import { createAgentMessageParser } from "../../src/agents/agent-messages.js";
+import { backoffMs } from "../../src/tasks/retry-policy.js";
+
+const LIMITS = DEFAULT_LIMITS;
+const validateCreateTask = createTaskValidator(DEFAULT_LIMITS);
+const parseAgentMessage = createAgentMessageParser(DEFAULT_LIMITS);
 import { LatencyWindow } from "../../src/metrics/latency-window.js";
 
 function violations(input: Parameters<typeof validateCreateTask>[0]) {
@@ -17,7 +23,15 @@ function violations(input: Parameters<typeof validateCreateTask>[0]) {
 
 describe("validateCreateTask", () => {
   it("fills defaults", () => {
-    expect(validateCreateTask({ taskType: "code", description: "abc" })).toEqual({ taskType: "code", description: "abc", priority: 5, metadata: {}, maxAttempts: 3 });
+    expect(validateCreateTask({ taskType: "code", description: "abc" })).toEqual({
+      taskType: "code",
+      description: "abc",
+      priority: 5,
+      metadata: {},
+      maxAttempts: 3,
+      timeoutMs: null,
+      idempotencyKey: null,
+    });
   });
 
   it("reports FastAPI-style locations in snake_case", () => {
@@ -44,6 +58,37 @@ describe("validateCreateTask", () => {
       expect(violations({ taskType: "qa", description: "abc", priority })).toHaveLength(1);
     }
     expect(validateCreateTask({ taskType: "qa", description: "abc", priority: 0 }).priority).toBe(0);
+  });
+});
+
+describe("configurable limits", () => {
+  it("applies the limits it was built with", () => {
+    const strict = createTaskValidator({ descriptionMaxLength: 10, metadataMaxBytes: 20, resultMaxBytes: 20, jsonMaxDepth: 2 });
+    expect(() => strict({ taskType: "qa", description: "x".repeat(11) })).toThrow(/at most 10 characters/);
+    expect(() => strict({ taskType: "qa", description: "abc", metadata: { a: { b: { c: 1 } } } })).toThrow(/nest at most 2/);
+    expect(() => strict({ taskType: "qa", description: "abc", metadata: { blob: "x".repeat(30) } })).toThrow(/at most 20 bytes/);
+    const parse = createAgentMessageParser({ descriptionMaxLength: 10, metadataMaxBytes: 20, resultMaxBytes: 20, jsonMaxDepth: 2 });
+    const r = parse({ type: "task_complete", taskId: "0195f0a4-5b6c-7d8e-9f01-23456789abcd", result: { blob: "x".repeat(30) } });
+    expect(r).toMatchObject({ ok: false, reason: expect.stringMatching(/result: must be at most 20 bytes/) });
+  });
+
+  it("refuses idempotency keys and timeouts out of range", () => {
+    expect(() => validateCreateTask({ taskType: "qa", description: "abc", idempotencyKey: "k".repeat(201) })).toThrow(/idempotency_key/);
+    expect(() => validateCreateTask({ taskType: "qa", description: "abc", timeoutMs: -1 })).toThrow(/timeout_ms/);
+    expect(validateCreateTask({ taskType: "qa", description: "abc", timeoutMs: 1500, idempotencyKey: "k1" })).toMatchObject({ timeoutMs: 1500, idempotencyKey: "k1" });
+  });
+});
+
+describe("retry backoff", () => {
+  it("doubles per failed attempt up to the cap, with half of it random", () => {
+    const policy = { baseMs: 100, maxMs: 1000 };
+    expect([1, 2, 3, 4, 5, 6].map((n) => backoffMs(n, policy, () => 0))).toEqual([50, 100, 200, 400, 500, 500]);
+    expect([1, 2, 3, 4, 5, 6].map((n) => backoffMs(n, policy, () => 1))).toEqual([100, 200, 400, 800, 1000, 1000]);
+    for (let i = 0; i < 100; i++) {
+      const d = backoffMs(3, policy);
+      expect(d).toBeGreaterThanOrEqual(200);
+      expect(d).toBeLessThanOrEqual(400);
+    }
   });
 });
 

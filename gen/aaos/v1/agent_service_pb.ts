@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file aaos/v1/agent_service.proto.
  */
 export const file_aaos_v1_agent_service: GenFile = /*@__PURE__*/
-  fileDesc("ChthYW9zL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2Fhb3MudjEivAIKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEhIKCmFnZW50X25hbWUYAiABKAkSEgoKYWdlbnRfdHlwZRgDIAEoCRInCgxjYXBhYmlsaXRpZXMYBCADKA4yES5hYW9zLnYxLlRhc2tUeXBlEhcKD21heF9jb25jdXJyZW5jeRgFIAEoBRIkCgZzdGF0dXMYBiABKA4yFC5hYW9zLnYxLkFnZW50U3RhdHVzEhQKDGFjdGl2ZV90YXNrcxgHIAEoBRI3ChNsYXN0X2hlYXJ0YmVhdF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtjcmVhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJdHJhbnNwb3J0GAogASgJIsQBCg5TZXNzaW9uUmVxdWVzdBIlCghyZWdpc3RlchgBIAEoCzIRLmFhb3MudjEuUmVnaXN0ZXJIABInCgloZWFydGJlYXQYAiABKAsyEi5hYW9zLnYxLkhlYXJ0YmVhdEgAEi4KDXRhc2tfY29tcGxldGUYAyABKAsyFS5hYW9zLnYxLlRhc2tDb21wbGV0ZUgAEioKC3Rhc2tfZmFpbGVkGAQgASgLMhMuYWFvcy52MS5UYXNrRmFpbGVkSABCBgoEa2luZCKGAQoIUmVnaXN0ZXISEAoIYWdlbnRfaWQYASABKAkSEgoKYWdlbnRfbmFtZRgCIAEoCRISCgphZ2VudF90eXBlGAMgASgJEicKDGNhcGFiaWxpdGllcxgEIAMoDjIRLmFhb3MudjEuVGFza1R5cGUSFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgFIgsKCUhlYXJ0YmVhdCJZCgxUYXNrQ29tcGxldGUSDwoHdGFza19pZBgBIAEoCRInCgZyZXN1bHQYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB2F0dGVtcHQYAyABKAUiUAoKVGFza0ZhaWxlZBIPCgd0YXNrX2lkGAEgASgJEg0KBWVycm9yGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCBIPCgdhdHRlbXB0GAQgASgFIr8CCg9TZXNzaW9uUmVzcG9uc2USNAoQcmVnaXN0cmF0aW9uX2FjaxgBIAEoCzIYLmFhb3MudjEuUmVnaXN0cmF0aW9uQWNrSAASMgoPdGFza19hc3NpZ25tZW50GAIgASgLMhcuYWFvcy52MS5UYXNrQXNzaWdubWVudEgAEi4KDWhlYXJ0YmVhdF9hY2sYAyABKAsyFS5hYW9zLnYxLkhlYXJ0YmVhdEFja0gAEjAKDmNvbXBsZXRpb25fYWNrGAQgASgLMhYuYWFvcy52MS5Db21wbGV0aW9uQWNrSAASMAoOdGFza19jYW5jZWxsZWQYBSABKAsyFi5hYW9zLnYxLlRhc2tDYW5jZWxsZWRIABImCgVlcnJvchgGIAEoCzIVLmFhb3MudjEuU2Vzc2lvbkVycm9ySABCBgoEa2luZCJCCg9SZWdpc3RyYXRpb25BY2sSEAoIYWdlbnRfaWQYASABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAIgASgFIi0KDlRhc2tBc3NpZ25tZW50EhsKBHRhc2sYASABKAsyDS5hYW9zLnYxLlRhc2siDgoMSGVhcnRiZWF0QWNrIiAKDUNvbXBsZXRpb25BY2sSDwoHdGFza19pZBgBIAEoCSIgCg1UYXNrQ2FuY2VsbGVkEg8KB3Rhc2tfaWQYASABKAkiPgoMU2Vzc2lvbkVycm9yEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIPCgd0YXNrX2lkGAMgASgJIjEKEUxpc3RBZ2VudHNSZXF1ZXN0EhwKFGluY2x1ZGVfZGlzY29ubmVjdGVkGAEgASgIIjQKEkxpc3RBZ2VudHNSZXNwb25zZRIeCgZhZ2VudHMYASADKAsyDi5hYW9zLnYxLkFnZW50KngKC0FnZW50U3RhdHVzEhwKGEFHRU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUFHRU5UX1NUQVRVU19JRExFEAESFQoRQUdFTlRfU1RBVFVTX0JVU1kQAhIdChlBR0VOVF9TVEFUVVNfRElTQ09OTkVDVEVEEAMynAEKDEFnZW50U2VydmljZRJACgdTZXNzaW9uEhcuYWFvcy52MS5TZXNzaW9uUmVxdWVzdBoYLmFhb3MudjEuU2Vzc2lvblJlc3BvbnNlKAEwARJKCgpMaXN0QWdlbnRzEhouYWFvcy52MS5MaXN0QWdlbnRzUmVxdWVzdBobLmFhb3MudjEuTGlzdEFnZW50c1Jlc3BvbnNlIgOQAgFiBnByb3RvMw", [file_aaos_v1_task, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChthYW9zL3YxL2FnZW50X3NlcnZpY2UucHJvdG8SB2Fhb3MudjEivAIKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEhIKCmFnZW50X25hbWUYAiABKAkSEgoKYWdlbnRfdHlwZRgDIAEoCRInCgxjYXBhYmlsaXRpZXMYBCADKA4yES5hYW9zLnYxLlRhc2tUeXBlEhcKD21heF9jb25jdXJyZW5jeRgFIAEoBRIkCgZzdGF0dXMYBiABKA4yFC5hYW9zLnYxLkFnZW50U3RhdHVzEhQKDGFjdGl2ZV90YXNrcxgHIAEoBRI3ChNsYXN0X2hlYXJ0YmVhdF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtjcmVhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJdHJhbnNwb3J0GAogASgJIsQBCg5TZXNzaW9uUmVxdWVzdBIlCghyZWdpc3RlchgBIAEoCzIRLmFhb3MudjEuUmVnaXN0ZXJIABInCgloZWFydGJlYXQYAiABKAsyEi5hYW9zLnYxLkhlYXJ0YmVhdEgAEi4KDXRhc2tfY29tcGxldGUYAyABKAsyFS5hYW9zLnYxLlRhc2tDb21wbGV0ZUgAEioKC3Rhc2tfZmFpbGVkGAQgASgLMhMuYWFvcy52MS5UYXNrRmFpbGVkSABCBgoEa2luZCKGAQoIUmVnaXN0ZXISEAoIYWdlbnRfaWQYASABKAkSEgoKYWdlbnRfbmFtZRgCIAEoCRISCgphZ2VudF90eXBlGAMgASgJEicKDGNhcGFiaWxpdGllcxgEIAMoDjIRLmFhb3MudjEuVGFza1R5cGUSFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgFIgsKCUhlYXJ0YmVhdCJZCgxUYXNrQ29tcGxldGUSDwoHdGFza19pZBgBIAEoCRInCgZyZXN1bHQYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB2F0dGVtcHQYAyABKAUiYwoKVGFza0ZhaWxlZBIPCgd0YXNrX2lkGAEgASgJEg0KBWVycm9yGAIgASgJEhYKCXJldHJ5YWJsZRgDIAEoCEgAiAEBEg8KB2F0dGVtcHQYBCABKAVCDAoKX3JldHJ5YWJsZSLgAgoPU2Vzc2lvblJlc3BvbnNlEjQKEHJlZ2lzdHJhdGlvbl9hY2sYASABKAsyGC5hYW9zLnYxLlJlZ2lzdHJhdGlvbkFja0gAEjIKD3Rhc2tfYXNzaWdubWVudBgCIAEoCzIXLmFhb3MudjEuVGFza0Fzc2lnbm1lbnRIABIuCg1oZWFydGJlYXRfYWNrGAMgASgLMhUuYWFvcy52MS5IZWFydGJlYXRBY2tIABIwCg5jb21wbGV0aW9uX2FjaxgEIAEoCzIWLmFhb3MudjEuQ29tcGxldGlvbkFja0gAEjAKDnRhc2tfY2FuY2VsbGVkGAUgASgLMhYuYWFvcy52MS5UYXNrQ2FuY2VsbGVkSAASJgoFZXJyb3IYBiABKAsyFS5hYW9zLnYxLlNlc3Npb25FcnJvckgAEh8KBWRyYWluGAcgASgLMg4uYWFvcy52MS5EcmFpbkgAQgYKBGtpbmQiGQoFRHJhaW4SEAoIZ3JhY2VfbXMYASABKAUiQgoPUmVnaXN0cmF0aW9uQWNrEhAKCGFnZW50X2lkGAEgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgCIAEoBSItCg5UYXNrQXNzaWdubWVudBIbCgR0YXNrGAEgASgLMg0uYWFvcy52MS5UYXNrIg4KDEhlYXJ0YmVhdEFjayIgCg1Db21wbGV0aW9uQWNrEg8KB3Rhc2tfaWQYASABKAkiIAoNVGFza0NhbmNlbGxlZBIPCgd0YXNrX2lkGAEgASgJIj4KDFNlc3Npb25FcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDwoHdGFza19pZBgDIAEoCSIxChFMaXN0QWdlbnRzUmVxdWVzdBIcChRpbmNsdWRlX2Rpc2Nvbm5lY3RlZBgBIAEoCCI0ChJMaXN0QWdlbnRzUmVzcG9uc2USHgoGYWdlbnRzGAEgAygLMg4uYWFvcy52MS5BZ2VudCp4CgtBZ2VudFN0YXR1cxIcChhBR0VOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFBR0VOVF9TVEFUVVNfSURMRRABEhUKEUFHRU5UX1NUQVRVU19CVVNZEAISHQoZQUdFTlRfU1RBVFVTX0RJU0NPTk5FQ1RFRBADMpwBCgxBZ2VudFNlcnZpY2USQAoHU2Vzc2lvbhIXLmFhb3MudjEuU2Vzc2lvblJlcXVlc3QaGC5hYW9zLnYxLlNlc3Npb25SZXNwb25zZSgBMAESSgoKTGlzdEFnZW50cxIaLmFhb3MudjEuTGlzdEFnZW50c1JlcXVlc3QaGy5hYW9zLnYxLkxpc3RBZ2VudHNSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_aaos_v1_task, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Agent is a worker known to the service.
@@ -273,11 +273,13 @@ export type TaskFailed = Message<"aaos.v1.TaskFailed"> & {
   error: string;
 
   /**
-   * Whether another attempt could succeed.
+   * Whether another attempt could succeed; absent means true. A retryable
+   * failure is retried with backoff until max_attempts; a non-retryable one
+   * fails the task at once.
    *
-   * @generated from field: bool retryable = 3;
+   * @generated from field: optional bool retryable = 3;
    */
-  retryable: boolean;
+  retryable?: boolean | undefined;
 
   /**
    * Attempt this failure belongs to; 0 means the agent's current attempt.
@@ -353,6 +355,16 @@ export type SessionResponse = Message<"aaos.v1.SessionResponse"> & {
      */
     value: SessionError;
     case: "error";
+  } | {
+    /**
+     * The server is shutting down: finish and report the tasks you hold
+     * within grace_ms; you get no new ones. Tasks still held then go back to
+     * the queue, and the stream ends.
+     *
+     * @generated from field: aaos.v1.Drain drain = 7;
+     */
+    value: Drain;
+    case: "drain";
   } | { case: undefined; value?: undefined };
 };
 
@@ -362,6 +374,27 @@ export type SessionResponse = Message<"aaos.v1.SessionResponse"> & {
  */
 export const SessionResponseSchema: GenMessage<SessionResponse> = /*@__PURE__*/
   messageDesc(file_aaos_v1_agent_service, 6);
+
+/**
+ * Drain asks the agent to finish its current tasks before the stream ends.
+ *
+ * @generated from message aaos.v1.Drain
+ */
+export type Drain = Message<"aaos.v1.Drain"> & {
+  /**
+   * Time left to report results, in milliseconds.
+   *
+   * @generated from field: int32 grace_ms = 1;
+   */
+  graceMs: number;
+};
+
+/**
+ * Describes the message aaos.v1.Drain.
+ * Use `create(DrainSchema)` to create a new message.
+ */
+export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
+  messageDesc(file_aaos_v1_agent_service, 7);
 
 /**
  * RegistrationAck accepts a registration.
@@ -389,7 +422,7 @@ export type RegistrationAck = Message<"aaos.v1.RegistrationAck"> & {
  * Use `create(RegistrationAckSchema)` to create a new message.
  */
 export const RegistrationAckSchema: GenMessage<RegistrationAck> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 7);
+  messageDesc(file_aaos_v1_agent_service, 8);
 
 /**
  * TaskAssignment leases a task to the agent.
@@ -410,7 +443,7 @@ export type TaskAssignment = Message<"aaos.v1.TaskAssignment"> & {
  * Use `create(TaskAssignmentSchema)` to create a new message.
  */
 export const TaskAssignmentSchema: GenMessage<TaskAssignment> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 8);
+  messageDesc(file_aaos_v1_agent_service, 9);
 
 /**
  * HeartbeatAck answers a heartbeat.
@@ -425,7 +458,7 @@ export type HeartbeatAck = Message<"aaos.v1.HeartbeatAck"> & {
  * Use `create(HeartbeatAckSchema)` to create a new message.
  */
 export const HeartbeatAckSchema: GenMessage<HeartbeatAck> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 9);
+  messageDesc(file_aaos_v1_agent_service, 10);
 
 /**
  * CompletionAck confirms a result was recorded.
@@ -446,7 +479,7 @@ export type CompletionAck = Message<"aaos.v1.CompletionAck"> & {
  * Use `create(CompletionAckSchema)` to create a new message.
  */
 export const CompletionAckSchema: GenMessage<CompletionAck> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 10);
+  messageDesc(file_aaos_v1_agent_service, 11);
 
 /**
  * TaskCancelled tells the agent to stop work on a task.
@@ -467,7 +500,7 @@ export type TaskCancelled = Message<"aaos.v1.TaskCancelled"> & {
  * Use `create(TaskCancelledSchema)` to create a new message.
  */
 export const TaskCancelledSchema: GenMessage<TaskCancelled> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 11);
+  messageDesc(file_aaos_v1_agent_service, 12);
 
 /**
  * SessionError refuses a message.
@@ -502,7 +535,7 @@ export type SessionError = Message<"aaos.v1.SessionError"> & {
  * Use `create(SessionErrorSchema)` to create a new message.
  */
 export const SessionErrorSchema: GenMessage<SessionError> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 12);
+  messageDesc(file_aaos_v1_agent_service, 13);
 
 /**
  * ListAgentsRequest selects agents.
@@ -523,7 +556,7 @@ export type ListAgentsRequest = Message<"aaos.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 13);
+  messageDesc(file_aaos_v1_agent_service, 14);
 
 /**
  * ListAgentsResponse lists agents.
@@ -544,7 +577,7 @@ export type ListAgentsResponse = Message<"aaos.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_agent_service, 14);
+  messageDesc(file_aaos_v1_agent_service, 15);
 
 /**
  * AgentStatus is an agent's connection and load state.

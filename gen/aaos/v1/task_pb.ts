@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file aaos/v1/task.proto.
  */
 export const file_aaos_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChJhYW9zL3YxL3Rhc2sucHJvdG8SB2Fhb3MudjEigwQKBFRhc2sSDwoHdGFza19pZBgBIAEoCRIkCgl0YXNrX3R5cGUYAiABKA4yES5hYW9zLnYxLlRhc2tUeXBlEhMKC2Rlc2NyaXB0aW9uGAMgASgJEhAKCHByaW9yaXR5GAQgASgFEikKCG1ldGFkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIjCgZzdGF0dXMYBiABKA4yEy5hYW9zLnYxLlRhc2tTdGF0dXMSEAoIYWdlbnRfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIUCgxtYXhfYXR0ZW1wdHMYCSABKAUSJwoGcmVzdWx0GAogASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBINCgVlcnJvchgLIAEoCRIvCgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2Fzc2lnbl90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1jb21wbGV0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5jb3JyZWxhdGlvbl9pZBgQIAEoCSrIAQoIVGFza1R5cGUSGQoVVEFTS19UWVBFX1VOU1BFQ0lGSUVEEAASEgoOVEFTS19UWVBFX0NPREUQARIWChJUQVNLX1RZUEVfUkVTRUFSQ0gQAhIQCgxUQVNLX1RZUEVfUUEQAxIbChdUQVNLX1RZUEVfRE9DVU1FTlRBVElPThAEEhYKElRBU0tfVFlQRV9BTkFMWVNJUxAFEhcKE1RBU0tfVFlQRV9TWU5USEVTSVMQBhIVChFUQVNLX1RZUEVfVFJBRElORxAHKqoBCgpUYXNrU3RhdHVzEhsKF1RBU0tfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTVEFTS19TVEFUVVNfUEVORElORxABEhgKFFRBU0tfU1RBVFVTX0FTU0lHTkVEEAISGQoVVEFTS19TVEFUVVNfQ09NUExFVEVEEAMSFgoSVEFTS19TVEFUVVNfRkFJTEVEEAQSGQoVVEFTS19TVEFUVVNfQ0FOQ0VMTEVEEAViBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChJhYW9zL3YxL3Rhc2sucHJvdG8SB2Fhb3MudjEingUKBFRhc2sSDwoHdGFza19pZBgBIAEoCRIkCgl0YXNrX3R5cGUYAiABKA4yES5hYW9zLnYxLlRhc2tUeXBlEhMKC2Rlc2NyaXB0aW9uGAMgASgJEhAKCHByaW9yaXR5GAQgASgFEikKCG1ldGFkYXRhGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIjCgZzdGF0dXMYBiABKA4yEy5hYW9zLnYxLlRhc2tTdGF0dXMSEAoIYWdlbnRfaWQYByABKAkSDwoHYXR0ZW1wdBgIIAEoBRIUCgxtYXhfYXR0ZW1wdHMYCSABKAUSJwoGcmVzdWx0GAogASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBINCgVlcnJvchgLIAEoCRIvCgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2Fzc2lnbl90aW1lGA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1jb21wbGV0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5jb3JyZWxhdGlvbl9pZBgQIAEoCRIXCg9mYWlsZWRfYXR0ZW1wdHMYESABKAUSEgoKdGltZW91dF9tcxgSIAEoBRI1ChFsZWFzZV9leHBpcmVfdGltZRgTIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoRbmV4dF9hdHRlbXB0X3RpbWUYFCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKsgBCghUYXNrVHlwZRIZChVUQVNLX1RZUEVfVU5TUEVDSUZJRUQQABISCg5UQVNLX1RZUEVfQ09ERRABEhYKElRBU0tfVFlQRV9SRVNFQVJDSBACEhAKDFRBU0tfVFlQRV9RQRADEhsKF1RBU0tfVFlQRV9ET0NVTUVOVEFUSU9OEAQSFgoSVEFTS19UWVBFX0FOQUxZU0lTEAUSFwoTVEFTS19UWVBFX1NZTlRIRVNJUxAGEhUKEVRBU0tfVFlQRV9UUkFESU5HEAcqqgEKClRhc2tTdGF0dXMSGwoXVEFTS19TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNUQVNLX1NUQVRVU19QRU5ESU5HEAESGAoUVEFTS19TVEFUVVNfQVNTSUdORUQQAhIZChVUQVNLX1NUQVRVU19DT01QTEVURUQQAxIWChJUQVNLX1NUQVRVU19GQUlMRUQQBBIZChVUQVNLX1NUQVRVU19DQU5DRUxMRUQQBWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Task is one unit of work and everything known about it. The database row is
@@ -134,6 +134,36 @@ export type Task = Message<"aaos.v1.Task"> & {
    * @generated from field: string correlation_id = 16;
    */
   correlationId: string;
+
+  /**
+   * Attempts that ended in failure (reported by the agent, agent lost, lease
+   * expired or timed out). The task fails for good when this reaches
+   * max_attempts.
+   *
+   * @generated from field: int32 failed_attempts = 17;
+   */
+  failedAttempts: number;
+
+  /**
+   * Execution timeout of one attempt in milliseconds; 0 means the server default.
+   *
+   * @generated from field: int32 timeout_ms = 18;
+   */
+  timeoutMs: number;
+
+  /**
+   * When the current lease runs out unless the holder's heartbeats renew it.
+   *
+   * @generated from field: google.protobuf.Timestamp lease_expire_time = 19;
+   */
+  leaseExpireTime?: Timestamp | undefined;
+
+  /**
+   * For a PENDING task waiting out a retry backoff: when it is queued again.
+   *
+   * @generated from field: google.protobuf.Timestamp next_attempt_time = 20;
+   */
+  nextAttemptTime?: Timestamp | undefined;
 };
 
 /**

@@ -13,7 +13,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file aaos/v1/task_service.proto.
  */
 export const file_aaos_v1_task_service: GenFile = /*@__PURE__*/
-  fileDesc("ChphYW9zL3YxL3Rhc2tfc2VydmljZS5wcm90bxIHYWFvcy52MSLhAQoRQ3JlYXRlVGFza1JlcXVlc3QSJAoJdGFza190eXBlGAEgASgOMhEuYWFvcy52MS5UYXNrVHlwZRITCgtkZXNjcmlwdGlvbhgCIAEoCRIVCghwcmlvcml0eRgDIAEoBUgAiAEBEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIXCg9pZGVtcG90ZW5jeV9rZXkYBSABKAkSFAoMbWF4X2F0dGVtcHRzGAYgASgFEhMKC3dlYmhvb2tfdXJsGAcgASgJQgsKCV9wcmlvcml0eSIxChJDcmVhdGVUYXNrUmVzcG9uc2USGwoEdGFzaxgBIAEoCzINLmFhb3MudjEuVGFzayIhCg5HZXRUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIi4KD0dldFRhc2tSZXNwb25zZRIbCgR0YXNrGAEgASgLMg0uYWFvcy52MS5UYXNrIoQBChBMaXN0VGFza3NSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEiMKBnN0YXR1cxgDIAEoDjITLmFhb3MudjEuVGFza1N0YXR1cxIkCgl0YXNrX3R5cGUYBCABKA4yES5hYW9zLnYxLlRhc2tUeXBlIkoKEUxpc3RUYXNrc1Jlc3BvbnNlEhwKBXRhc2tzGAEgAygLMg0uYWFvcy52MS5UYXNrEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIkChFDYW5jZWxUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIjEKEkNhbmNlbFRhc2tSZXNwb25zZRIbCgR0YXNrGAEgASgLMg0uYWFvcy52MS5UYXNrIiMKEFdhdGNoVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIwChFXYXRjaFRhc2tSZXNwb25zZRIbCgR0YXNrGAEgASgLMg0uYWFvcy52MS5UYXNrMvICCgtUYXNrU2VydmljZRJFCgpDcmVhdGVUYXNrEhouYWFvcy52MS5DcmVhdGVUYXNrUmVxdWVzdBobLmFhb3MudjEuQ3JlYXRlVGFza1Jlc3BvbnNlEkEKB0dldFRhc2sSFy5hYW9zLnYxLkdldFRhc2tSZXF1ZXN0GhguYWFvcy52MS5HZXRUYXNrUmVzcG9uc2UiA5ACARJHCglMaXN0VGFza3MSGS5hYW9zLnYxLkxpc3RUYXNrc1JlcXVlc3QaGi5hYW9zLnYxLkxpc3RUYXNrc1Jlc3BvbnNlIgOQAgESRQoKQ2FuY2VsVGFzaxIaLmFhb3MudjEuQ2FuY2VsVGFza1JlcXVlc3QaGy5hYW9zLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJJCglXYXRjaFRhc2sSGS5hYW9zLnYxLldhdGNoVGFza1JlcXVlc3QaGi5hYW9zLnYxLldhdGNoVGFza1Jlc3BvbnNlIgOQAgEwAWIGcHJvdG8z", [file_aaos_v1_task, file_google_protobuf_struct]);
+  fileDesc("ChphYW9zL3YxL3Rhc2tfc2VydmljZS5wcm90bxIHYWFvcy52MSL1AQoRQ3JlYXRlVGFza1JlcXVlc3QSJAoJdGFza190eXBlGAEgASgOMhEuYWFvcy52MS5UYXNrVHlwZRITCgtkZXNjcmlwdGlvbhgCIAEoCRIVCghwcmlvcml0eRgDIAEoBUgAiAEBEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIXCg9pZGVtcG90ZW5jeV9rZXkYBSABKAkSFAoMbWF4X2F0dGVtcHRzGAYgASgFEhMKC3dlYmhvb2tfdXJsGAcgASgJEhIKCnRpbWVvdXRfbXMYCCABKAVCCwoJX3ByaW9yaXR5IjEKEkNyZWF0ZVRhc2tSZXNwb25zZRIbCgR0YXNrGAEgASgLMg0uYWFvcy52MS5UYXNrIiEKDkdldFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiLgoPR2V0VGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5hYW9zLnYxLlRhc2sihAEKEExpc3RUYXNrc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSIwoGc3RhdHVzGAMgASgOMhMuYWFvcy52MS5UYXNrU3RhdHVzEiQKCXRhc2tfdHlwZRgEIAEoDjIRLmFhb3MudjEuVGFza1R5cGUiSgoRTGlzdFRhc2tzUmVzcG9uc2USHAoFdGFza3MYASADKAsyDS5hYW9zLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiQKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiMQoSQ2FuY2VsVGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5hYW9zLnYxLlRhc2siIwoQUmV0cnlUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIjAKEVJldHJ5VGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5hYW9zLnYxLlRhc2siIwoQV2F0Y2hUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJIjAKEVdhdGNoVGFza1Jlc3BvbnNlEhsKBHRhc2sYASABKAsyDS5hYW9zLnYxLlRhc2sytgMKC1Rhc2tTZXJ2aWNlEkUKCkNyZWF0ZVRhc2sSGi5hYW9zLnYxLkNyZWF0ZVRhc2tSZXF1ZXN0GhsuYWFvcy52MS5DcmVhdGVUYXNrUmVzcG9uc2USQQoHR2V0VGFzaxIXLmFhb3MudjEuR2V0VGFza1JlcXVlc3QaGC5hYW9zLnYxLkdldFRhc2tSZXNwb25zZSIDkAIBEkcKCUxpc3RUYXNrcxIZLmFhb3MudjEuTGlzdFRhc2tzUmVxdWVzdBoaLmFhb3MudjEuTGlzdFRhc2tzUmVzcG9uc2UiA5ACARJFCgpDYW5jZWxUYXNrEhouYWFvcy52MS5DYW5jZWxUYXNrUmVxdWVzdBobLmFhb3MudjEuQ2FuY2VsVGFza1Jlc3BvbnNlEkIKCVJldHJ5VGFzaxIZLmFhb3MudjEuUmV0cnlUYXNrUmVxdWVzdBoaLmFhb3MudjEuUmV0cnlUYXNrUmVzcG9uc2USSQoJV2F0Y2hUYXNrEhkuYWFvcy52MS5XYXRjaFRhc2tSZXF1ZXN0GhouYWFvcy52MS5XYXRjaFRhc2tSZXNwb25zZSIDkAIBMAFiBnByb3RvMw", [file_aaos_v1_task, file_google_protobuf_struct]);
 
 /**
  * CreateTaskRequest describes the task to create.
@@ -50,8 +50,9 @@ export type CreateTaskRequest = Message<"aaos.v1.CreateTaskRequest"> & {
   metadata?: JsonObject | undefined;
 
   /**
-   * Reserved for idempotent creates; not supported yet, so a non-empty value
-   * is UNIMPLEMENTED rather than silently ignored.
+   * Makes the create idempotent: a repeat with the same key and the same
+   * request within the retention window returns the original task; the same
+   * key with a different request is ALREADY_EXISTS. Up to 200 characters.
    *
    * @generated from field: string idempotency_key = 5;
    */
@@ -71,6 +72,13 @@ export type CreateTaskRequest = Message<"aaos.v1.CreateTaskRequest"> & {
    * @generated from field: string webhook_url = 7;
    */
   webhookUrl: string;
+
+  /**
+   * Execution timeout of one attempt in milliseconds; 0 means the server default.
+   *
+   * @generated from field: int32 timeout_ms = 8;
+   */
+  timeoutMs: number;
 };
 
 /**
@@ -256,6 +264,48 @@ export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PUR
   messageDesc(file_aaos_v1_task_service, 7);
 
 /**
+ * RetryTaskRequest names the failed task to run again.
+ *
+ * @generated from message aaos.v1.RetryTaskRequest
+ */
+export type RetryTaskRequest = Message<"aaos.v1.RetryTaskRequest"> & {
+  /**
+   * UUID of the task.
+   *
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+};
+
+/**
+ * Describes the message aaos.v1.RetryTaskRequest.
+ * Use `create(RetryTaskRequestSchema)` to create a new message.
+ */
+export const RetryTaskRequestSchema: GenMessage<RetryTaskRequest> = /*@__PURE__*/
+  messageDesc(file_aaos_v1_task_service, 8);
+
+/**
+ * RetryTaskResponse carries the re-queued task.
+ *
+ * @generated from message aaos.v1.RetryTaskResponse
+ */
+export type RetryTaskResponse = Message<"aaos.v1.RetryTaskResponse"> & {
+  /**
+   * The task, PENDING again.
+   *
+   * @generated from field: aaos.v1.Task task = 1;
+   */
+  task?: Task | undefined;
+};
+
+/**
+ * Describes the message aaos.v1.RetryTaskResponse.
+ * Use `create(RetryTaskResponseSchema)` to create a new message.
+ */
+export const RetryTaskResponseSchema: GenMessage<RetryTaskResponse> = /*@__PURE__*/
+  messageDesc(file_aaos_v1_task_service, 9);
+
+/**
  * WatchTaskRequest names the task to watch.
  *
  * @generated from message aaos.v1.WatchTaskRequest
@@ -274,7 +324,7 @@ export type WatchTaskRequest = Message<"aaos.v1.WatchTaskRequest"> & {
  * Use `create(WatchTaskRequestSchema)` to create a new message.
  */
 export const WatchTaskRequestSchema: GenMessage<WatchTaskRequest> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_task_service, 8);
+  messageDesc(file_aaos_v1_task_service, 10);
 
 /**
  * WatchTaskResponse is one state of the watched task.
@@ -295,7 +345,7 @@ export type WatchTaskResponse = Message<"aaos.v1.WatchTaskResponse"> & {
  * Use `create(WatchTaskResponseSchema)` to create a new message.
  */
 export const WatchTaskResponseSchema: GenMessage<WatchTaskResponse> = /*@__PURE__*/
-  messageDesc(file_aaos_v1_task_service, 9);
+  messageDesc(file_aaos_v1_task_service, 11);
 
 /**
  * TaskService lets clients create, read, list, cancel and watch tasks.
@@ -344,6 +394,17 @@ export const TaskService: GenService<{
     methodKind: "unary";
     input: typeof CancelTaskRequestSchema;
     output: typeof CancelTaskResponseSchema;
+  },
+  /**
+   * RetryTask puts a FAILED task back in the queue with a fresh set of
+   * attempts. Any other status is FAILED_PRECONDITION.
+   *
+   * @generated from rpc aaos.v1.TaskService.RetryTask
+   */
+  retryTask: {
+    methodKind: "unary";
+    input: typeof RetryTaskRequestSchema;
+    output: typeof RetryTaskResponseSchema;
   },
   /**
    * WatchTask sends the task's current state at once, then one message per

@@ -27,6 +27,18 @@ export const TaskSchema = defineEntity({
     updatedAt: p.datetime(3),
     assignedAt: p.datetime(3).nullable(),
     completedAt: p.datetime(3).nullable(),
+    // Attempts that ended in failure (reported, lost agent, expired lease or
+    // timeout); `attempt` also counts clean hand-backs, so it is the fencing
+    // token while this decides when retries are exhausted.
+    failedAttempts: p.integer().default(0),
+    // Per-task execution timeout; null means the server default.
+    timeoutMs: p.integer().nullable(),
+    // The holder's lease; renewed by its heartbeats, expired by lost holders.
+    leaseExpiresAt: p.datetime(3).nullable(),
+    // A retry waiting for its backoff; the task is queued once this passes.
+    runAt: p.datetime(3).nullable(),
+    idempotencyKey: p.string().length(200).nullable().unique("tasks_idempotency_key_unique"),
+    requestHash: p.string().length(64).nullable(),
   },
   indexes: [
     {
@@ -37,6 +49,8 @@ export const TaskSchema = defineEntity({
       name: "tasks_listing_index",
       columns: [{ name: "created_at", sort: "DESC" }, { name: "task_id" }],
     },
+    { name: "tasks_lease_index", properties: ["status", "leaseExpiresAt"] },
+    { name: "tasks_run_at_index", properties: ["status", "runAt"] },
   ],
 });
 

@@ -76,6 +76,10 @@ export function taskToPb(t: TaskRecord): Task {
     assignTime: ts(t.assignedAt),
     completeTime: ts(t.completedAt),
     correlationId: t.correlationId,
+    failedAttempts: t.failedAttempts,
+    timeoutMs: t.timeoutMs ?? 0,
+    leaseExpireTime: ts(t.leaseExpiresAt),
+    nextAttemptTime: t.status === "pending" ? ts(t.runAt) : undefined,
   });
 }
 
@@ -109,6 +113,7 @@ export function metricsToPb(m: MetricsSnapshot): GetMetricsResponse {
       failed: BigInt(m.tasks.failed),
       cancelled: BigInt(m.tasks.cancelled),
       total: BigInt(m.tasks.total),
+      retryWaiting: BigInt(m.tasks.retryWaiting),
     },
     queueDepth: {
       total: BigInt(m.queueDepth.total),

@@ -33,7 +33,10 @@ function requestContext(ctx: HandlerContext, fallback: Logger): RequestContext {
 export function errorInterceptor(log: Logger): Interceptor {
   const map = (e: unknown): ConnectError => {
     const err = toConnectError(e);
-    if (err.code === Code.Internal || err.code === Code.Unknown) log.error({ err: e }, "request failed");
+    // A ConnectError was raised on purpose (by us, or by the protocol layer
+    // for bytes that do not decode); only other exceptions are our defects.
+    if (!(e instanceof ConnectError) && (err.code === Code.Internal || err.code === Code.Unknown)) log.error({ err: e }, "request failed");
+    else if (err.code === Code.Internal) log.info({ err: e }, "request refused by the protocol layer");
     return err;
   };
   return (next) => async (req) => {
@@ -77,7 +80,6 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
   return (router: ConnectRouter) => {
     router.service(TaskService, {
       async createTask(req, ctx) {
-        if (req.idempotencyKey) throw unimplemented("idempotency_key is not supported yet");
         if (req.webhookUrl) throw unimplemented("webhook_url is not supported yet");
         const taskType = taskTypeFromPb(req.taskType);
         if (taskType === null) throw invalidArgument(["body", "task_type"], unknownTaskTypeMessage(req.taskType), "enum");
@@ -88,10 +90,15 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
             priority: req.priority,
             metadata: req.metadata,
             maxAttempts: req.maxAttempts,
+            timeoutMs: req.timeoutMs,
+            idempotencyKey: req.idempotencyKey,
           },
           requestContext(ctx, log),
         );
         return { task: taskToPb(task) };
+      },
+      async retryTask(req, ctx) {
+        return { task: taskToPb(await services.tasks.retry(req.taskId, requestContext(ctx, log))) };
       },
       async getTask(req) {
         return { task: taskToPb(await services.tasks.get(req.taskId)) };
@@ -128,6 +135,9 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
         const session = services.openSession("grpc", { send: (m) => out.push(encodeSessionResponse(m)), end: () => out.end() }, rc.correlationId);
         const onAbort = () => void session.close("stream aborted");
         ctx.signal.addEventListener("abort", onAbort);
+        // A request stream that breaks (e.g. an undecodable message) ends the
+        // response with that error rather than a clean OK.
+        let broken: unknown;
         void (async () => {
           try {
             for await (const req of requests) {
@@ -138,12 +148,14 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
             await session.close("agent ended the stream");
           } catch (e: unknown) {
             rc.log.info({ err: e }, "agent stream broke");
+            broken = e;
             await session.close("stream broke");
           } finally {
             ctx.signal.removeEventListener("abort", onAbort);
           }
         })();
         yield* out;
+        if (broken !== undefined && !ctx.signal.aborted) throw broken;
       },
       async listAgents(req) {
         return { agents: (await services.agents.list(req.includeDisconnected)).map(agentToPb) };

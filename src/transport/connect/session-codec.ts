@@ -62,6 +62,8 @@ export function encodeSessionResponse(m: ServerMessage): SessionResponse {
       return create(SessionResponseSchema, { kind: { case: "completionAck", value: { taskId: m.taskId } } });
     case "task_cancelled":
       return create(SessionResponseSchema, { kind: { case: "taskCancelled", value: { taskId: m.taskId } } });
+    case "drain":
+      return create(SessionResponseSchema, { kind: { case: "drain", value: { graceMs: m.graceMs } } });
     case "error":
       return create(SessionResponseSchema, { kind: { case: "error", value: { code: m.code, message: m.message, taskId: m.taskId ?? "" } } });
   }

@@ -23,6 +23,10 @@ export function taskToJson(t: TaskRecord) {
     updated_at: iso(t.updatedAt),
     assigned_at: iso(t.assignedAt),
     completed_at: iso(t.completedAt),
+    failed_attempts: t.failedAttempts,
+    timeout_ms: t.timeoutMs,
+    lease_expires_at: iso(t.leaseExpiresAt),
+    next_attempt_at: t.status === "pending" ? iso(t.runAt) : null,
   };
 }
 
@@ -43,7 +47,15 @@ export function agentToJson(a: AgentView) {
 
 export function metricsToJson(m: MetricsSnapshot) {
   return {
-    tasks: m.tasks,
+    tasks: {
+      pending: m.tasks.pending,
+      assigned: m.tasks.assigned,
+      completed: m.tasks.completed,
+      failed: m.tasks.failed,
+      cancelled: m.tasks.cancelled,
+      total: m.tasks.total,
+      retry_waiting: m.tasks.retryWaiting,
+    },
     queue_depth: { total: m.queueDepth.total, by_priority: m.queueDepth.byPriority },
     agents: m.agents,
     completed_per_minute: m.completedPerMinute,

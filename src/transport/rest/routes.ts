@@ -70,14 +70,23 @@ export function restRoutes(app: FastifyInstance, services: AppServices, version:
   });
 
   app.post("/tasks", async (req, reply) => {
-    if (req.headers["idempotency-key"]) throw unimplemented("Idempotency-Key is not supported yet");
+    const key = req.headers["idempotency-key"];
+    if (Array.isArray(key)) throw new ValidationError([{ loc: ["header", "idempotency-key"], msg: "must be sent once", type: "value_error" }]);
     const body = req.body;
     if (body === null || typeof body !== "object" || Array.isArray(body)) {
       throw new ValidationError([{ loc: ["body"], msg: "Input should be a valid dictionary", type: "dict_type" }]);
     }
     const b = body as Record<string, unknown>;
     const task = await services.tasks.create(
-      { taskType: b.task_type, description: b.description, priority: b.priority, metadata: b.metadata, maxAttempts: b.max_attempts },
+      {
+        taskType: b.task_type,
+        description: b.description,
+        priority: b.priority,
+        metadata: b.metadata,
+        maxAttempts: b.max_attempts,
+        timeoutMs: b.timeout_ms,
+        idempotencyKey: key,
+      },
       requestContext(req),
     );
     return reply.code(201).send({
@@ -87,6 +96,10 @@ export function restRoutes(app: FastifyInstance, services: AppServices, version:
       queued_at: task.createdAt.toISOString(),
     });
   });
+
+  app.post<{ Params: { task_id: string } }>("/tasks/:task_id/retry", async (req) =>
+    taskToJson(await services.tasks.retry(req.params.task_id, requestContext(req))),
+  );
 
   app.get<{ Params: { task_id: string } }>("/tasks/:task_id", async (req) => taskToJson(await services.tasks.get(req.params.task_id)));
 

@@ -41,6 +41,8 @@ function encodeFrame(m: ServerMessage): Record<string, unknown> {
     case "completion_ack":
     case "task_cancelled":
       return { type: m.type, task_id: m.taskId };
+    case "drain":
+      return { type: m.type, grace_ms: m.graceMs };
     case "error":
       return m.taskId ? { type: m.type, code: m.code, message: m.message, task_id: m.taskId } : { type: m.type, code: m.code, message: m.message };
   }

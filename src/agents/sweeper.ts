@@ -1,0 +1,102 @@
+import type { Logger } from "../telemetry/logger.js";
+import type { PriorityQueue } from "../queue/priority-queue.js";
+import type { TaskRepository } from "../tasks/task-repository.js";
+import type { TaskEvents } from "../tasks/task-events.js";
+import { backoffMs, type RetryPolicy } from "../tasks/retry-policy.js";
+import type { Dispatcher } from "./dispatcher.js";
+
+export interface SweeperOptions {
+  tasks: TaskRepository;
+  queue: PriorityQueue;
+  events: TaskEvents;
+  dispatcher: Dispatcher;
+  log: Logger;
+  clock: () => Date;
+  intervalMs: number;
+  leaseTtlMs: number;
+  retry: RetryPolicy;
+}
+
+/** Rows handled per kind per sweep, so one sweep never holds the loop for long. */
+const BATCH = 500;
+
+/**
+ * The time-driven side of delivery, one pass every `intervalMs`:
+ * - renews the leases of tasks held by this instance's live sessions (one
+ *   statement for all of them), so only a dead holder's lease runs out;
+ * - ends attempts past their execution timeout (the agent is told);
+ * - takes back tasks whose lease expired, wherever they were held (an
+ *   instance that died), counting a failed attempt;
+ * - queues retries whose backoff has passed.
+ * Dispatch itself never waits on this: it is event-driven.
+ */
+export class Sweeper {
+  private timer: NodeJS.Timeout | undefined;
+  private lastRenewal = 0;
+  private stopped = false;
+
+  constructor(private readonly o: SweeperOptions) {}
+
+  start(): void {
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    this.timer = setTimeout(() => void this.sweep().finally(() => this.schedule()), this.o.intervalMs);
+    this.timer.unref();
+  }
+
+  /** One pass; each step's failure is logged and retried next time. */
+  async sweep(): Promise<void> {
+    const now = this.o.clock();
+    const sessions = this.o.dispatcher.list();
+    for (const s of sessions) s.expireOverdue(now);
+    await this.step("renew leases", () => this.renew(now, sessions.filter((s) => s.held.size > 0).map((s) => s.agentId)));
+    await this.step("expire leases", () => this.expireLeases(now, new Set(sessions.map((s) => s.agentId))));
+    await this.step("queue due retries", () => this.queueDueRetries(now));
+  }
+
+  private async step(what: string, work: () => Promise<void>): Promise<void> {
+    try {
+      await work();
+    } catch (e: unknown) {
+      this.o.log.warn({ err: e }, `sweeper could not ${what}; trying again next pass`);
+    }
+  }
+
+  /** Renewing at a third of the lease leaves two more chances before it lapses. */
+  private async renew(now: Date, agentIds: string[]): Promise<void> {
+    if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
+    await this.o.tasks.renewLeases(agentIds, new Date(now.getTime() + this.o.leaseTtlMs));
+    this.lastRenewal = now.getTime();
+  }
+
+  private async expireLeases(now: Date, localAgents: Set<string>): Promise<void> {
+    for (const task of await this.o.tasks.listExpiredLeases(now, BATCH)) {
+      if (task.agentId && localAgents.has(task.agentId)) {
+        // Our own live agent: the renewal was late (e.g. the database was
+        // briefly away), not a dead holder. Renew on the next pass.
+        this.lastRenewal = 0;
+        continue;
+      }
+      const retryAt = new Date(now.getTime() + backoffMs(task.failedAttempts + 1, this.o.retry));
+      const after = await this.o.tasks.retryOrFail(task.taskId, task.agentId ?? "", task.attempt, "lease expired: the holder stopped renewing it", now, retryAt);
+      if (!after) continue;
+      this.o.log.warn({ task_id: task.taskId, agent_id: task.agentId, attempt: task.attempt, status: after.status }, "lease expired; task taken back");
+      this.o.events.publish(after);
+    }
+  }
+
+  private async queueDueRetries(now: Date): Promise<void> {
+    const due = await this.o.tasks.listDueRetries(now, BATCH);
+    for (const t of due) await this.o.queue.enqueue({ taskId: t.taskId, taskType: t.taskType, priority: t.priority, seq: t.seq });
+    await this.o.tasks.markQueued(due.map((t) => t.taskId));
+  }
+
+  /** Safe to call twice. */
+  close(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+}

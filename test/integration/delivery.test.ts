@@ -1,0 +1,177 @@
+/**
+ * Delivery guarantees as a client and an agent observe them: retries with
+ * backoff up to max_attempts, dead-letter and RetryTask, execution timeouts,
+ * idempotent creates, expired leases taken back, and a draining shutdown.
+ * (Process-level faults — kill -9, Redis and PostgreSQL outages — are in test/fault.)
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import * as grpc from "@grpc/grpc-js";
+import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
+import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
+
+const FAST = { RETRY_BASE_MS: "50", RETRY_MAX_MS: "200", SWEEP_INTERVAL_MS: "50" };
+
+async function post(s: TestServer, path: string, body: unknown, headers: Record<string, string> = {}) {
+  const res = await fetch(`${s.baseUrl}${path}`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: JSON.stringify(body) });
+  return { status: res.status, body: (await res.json()) as Record<string, any> };
+}
+const getTask = async (s: TestServer, id: string) => (await (await fetch(`${s.baseUrl}/tasks/${id}`)).json()) as Record<string, any>;
+
+const servers: TestServer[] = [];
+const agents: TestAgent[] = [];
+afterEach(async () => {
+  for (const a of agents.splice(0)) a.kill();
+  for (const s of servers.splice(0)) await s.close();
+});
+const start = async (...args: Parameters<typeof startServer>) => {
+  const s = await startServer(...args);
+  servers.push(s);
+  return s;
+};
+const track = <T extends TestAgent>(a: T) => (agents.push(a), a);
+
+describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) => {
+  it.skipIf(!available)("a retryable failure comes back after a backoff at its priority; the next attempt completes", async () => {
+    const s = await start(name, { env: FAST });
+    const a = track(await WsAgent.connect(s.port, { capabilities: ["qa"] }));
+    const { body } = await post(s, "/tasks", { task_type: "qa", description: "flaky", priority: 7 });
+    await a.waitForFrame("task_assignment");
+    a.fail(body.task_id, "transient glitch"); // retryable by default
+    await a.waitFor((x) => x.assignments.length === 2, 5000, "second attempt");
+    expect(a.assignments[1]).toMatchObject({ taskId: body.task_id, attempt: 2, priority: 7 });
+    a.complete(body.task_id, { ok: true });
+    await a.waitForFrame("completion_ack", 2);
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "completed", attempt: 2, failed_attempts: 1, result: { ok: true } });
+    const actions = (await s.persistence.tasks.auditTrail(body.task_id)).map((r) => r.action);
+    expect(actions).toEqual(["task.created", "task.assigned", "task.retry_scheduled", "task.assigned", "task.completed"]);
+  });
+
+  it.skipIf(!available)("a non-retryable failure ends the task at once", async () => {
+    const s = await start(name, { env: FAST });
+    const a = track(await GrpcAgent.connect(s.port));
+    const { body } = await post(s, "/tasks", { task_type: "code", description: "hopeless" });
+    await a.waitForFrame("task_assignment");
+    a.fail(body.task_id, "bad input, will never work", false);
+    await a.waitForFrame("completion_ack");
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "failed", attempt: 1, failed_attempts: 1, error: "bad input, will never work" });
+  });
+
+  it.skipIf(!available)("retries stop at max_attempts with the last error; RetryTask runs it again", async () => {
+    const s = await start(name, { env: FAST });
+    const a = track(await GrpcAgent.connect(s.port, { capabilities: ["analysis"] }));
+    const { body } = await post(s, "/tasks", { task_type: "analysis", description: "always fails", max_attempts: 2 });
+    await a.waitForFrame("task_assignment");
+    a.fail(body.task_id, "first");
+    await a.waitFor((x) => x.assignments.length === 2, 5000, "second attempt");
+    a.fail(body.task_id, "second");
+    await a.waitForFrame("completion_ack", 2);
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "failed", attempt: 2, failed_attempts: 2, error: "second", next_attempt_at: null });
+    // Only a failed task can be retried.
+    const notFailed = await post(s, "/tasks", { task_type: "qa", description: "still pending" });
+    expect((await post(s, `/tasks/${notFailed.body.task_id}/retry`, {})).status).toBe(409);
+    const tc = grpcClient("TaskService", s.port);
+    const retried = await unary(tc, "RetryTask", { task_id: body.task_id });
+    tc.close();
+    expect(retried.task).toMatchObject({ status: "TASK_STATUS_PENDING", failed_attempts: 0 });
+    await a.waitFor((x) => x.assignments.filter((t) => t.taskId === body.task_id).length === 3, 5000, "third attempt");
+    a.complete(body.task_id, { finally: true });
+    await eventually(async () => (await getTask(s, body.task_id)).status === "completed", 5000, "completed after retry");
+  });
+
+  it.skipIf(!available)("an execution timeout cancels the attempt at the agent and retries it elsewhere; heartbeats do not extend it", async () => {
+    const s = await start(name, { env: { ...FAST, HEARTBEAT_INTERVAL_MS: "50", HEARTBEAT_TIMEOUT_MS: "2000" } });
+    const slow = track(await GrpcAgent.connect(s.port, { capabilities: ["research"] }));
+    const beat = setInterval(() => slow.heartbeat(), 50);
+    try {
+      const { body } = await post(s, "/tasks", { task_type: "research", description: "takes forever", timeout_ms: 300 });
+      await slow.waitForFrame("task_assignment");
+      await slow.waitFor((x) => x.frames.some((f) => f.type === "task_cancelled" && f.taskId === body.task_id), 5000, "task_cancelled");
+      // The slot was freed: the retry comes back to the same (only) agent as attempt 2.
+      await slow.waitFor((x) => x.assignments.length === 2, 5000, "retry");
+      expect(slow.assignments[1]).toMatchObject({ taskId: body.task_id, attempt: 2 });
+      // A late result for the timed-out attempt changes nothing.
+      slow.complete(body.task_id, { late: true }, 1);
+      await slow.waitFor((x) => x.frames.some((f) => f.type === "error" && f.taskId === body.task_id), 5000, "late result refused");
+      const t = await getTask(s, body.task_id);
+      expect(t).toMatchObject({ status: "assigned", attempt: 2, failed_attempts: 1, timeout_ms: 300 });
+      expect(t.error).toMatch(/execution timeout after 300 ms/);
+    } finally {
+      clearInterval(beat);
+    }
+  });
+
+  it.skipIf(!available)("an idempotency key returns the original task for a repeat and refuses a different request", async () => {
+    const s = await start(name);
+    const body = { task_type: "trading", description: "buy the dip", priority: 9, metadata: { b: 1, a: [1, 2] } };
+    const first = await post(s, "/tasks", body, { "Idempotency-Key": "order-1" });
+    expect(first.status).toBe(201);
+    // Same request, keys in another order: the same task, not a second one.
+    const repeat = await post(s, "/tasks", { ...body, metadata: { a: [1, 2], b: 1 } }, { "Idempotency-Key": "order-1" });
+    expect(repeat).toMatchObject({ status: 201, body: { task_id: first.body.task_id } });
+    const clash = await post(s, "/tasks", { ...body, priority: 1 }, { "Idempotency-Key": "order-1" });
+    expect(clash).toMatchObject({ status: 409, body: { code: "already_exists" } });
+    const tc = grpcClient("TaskService", s.port);
+    const viaGrpc = await unary(tc, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "compile", idempotency_key: "build-7" });
+    const again = await unary(tc, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "compile", idempotency_key: "build-7" });
+    expect(again.task.task_id).toBe(viaGrpc.task.task_id);
+    await expect(unary(tc, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "other", idempotency_key: "build-7" })).rejects.toMatchObject({ code: grpc.status.ALREADY_EXISTS });
+    // Concurrent repeats still make one task.
+    const racers = await Promise.all(Array.from({ length: 8 }, () => post(s, "/tasks", { task_type: "qa", description: "racing" }, { "Idempotency-Key": "race-1" })));
+    expect(new Set(racers.map((r) => r.body.task_id)).size).toBe(1);
+    tc.close();
+    const counts = await s.persistence.tasks.countByStatus();
+    expect(counts.pending).toBe(3);
+  });
+
+  it.skipIf(!available)("a lease nobody renews (its holder's instance died) expires and the task runs elsewhere", async () => {
+    const s = await start(name, { env: { ...FAST, LEASE_TTL_MS: "400", HEARTBEAT_INTERVAL_MS: "100", HEARTBEAT_TIMEOUT_MS: "5000" } });
+    const { body } = await post(s, "/tasks", { task_type: "synthesis", description: "held by a ghost", priority: 3 });
+    // What an instance that crashed leaves behind: an assignment to an agent no live instance serves.
+    expect(await s.persistence.tasks.assign(body.task_id, "ghost", new Date(), null, new Date(Date.now() + 400))).not.toBeNull();
+    const live = track(await GrpcAgent.connect(s.port, { capabilities: ["synthesis"], autoComplete: () => ({ by: "live" }) }));
+    await live.waitForFrame("completion_ack", 1, 10_000);
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "completed", attempt: 2, failed_attempts: 1, agent_id: live.agentId });
+    expect((await getTask(s, body.task_id)).error).toMatch(/lease expired/);
+  });
+
+  it.skipIf(!available)("a live agent's leases are renewed for as long as its session lives", async () => {
+    const s = await start(name, { env: { ...FAST, LEASE_TTL_MS: "300", HEARTBEAT_INTERVAL_MS: "50", HEARTBEAT_TIMEOUT_MS: "300" } });
+    const a = track(await WsAgent.connect(s.port));
+    const beat = setInterval(() => a.heartbeat(), 50);
+    try {
+      const { body } = await post(s, "/tasks", { task_type: "code", description: "long job" });
+      await a.waitForFrame("task_assignment");
+      // Many lease lengths later, still the same attempt, never re-queued.
+      const seen = new Set<string>();
+      await eventually(async () => {
+        const t = await getTask(s, body.task_id);
+        expect(t).toMatchObject({ status: "assigned", attempt: 1 });
+        seen.add(t.lease_expires_at);
+        return seen.size >= 4;
+      }, 10_000, "several renewals");
+      a.complete(body.task_id, {});
+      await a.waitForFrame("completion_ack");
+      expect(await getTask(s, body.task_id)).toMatchObject({ status: "completed", attempt: 1, failed_attempts: 0 });
+    } finally {
+      clearInterval(beat);
+    }
+  });
+
+  it.skipIf(!available)("shutdown drains: new work is refused, agents are told, results in the grace period count", async () => {
+    const s = await start(name, { env: { SHUTDOWN_GRACE_MS: "5000" } });
+    const a = track(await GrpcAgent.connect(s.port, { maxConcurrency: 2 }));
+    const [t1, t2] = [
+      (await post(s, "/tasks", { task_type: "qa", description: "finish me" })).body.task_id as string,
+      (await post(s, "/tasks", { task_type: "qa", description: "me too" })).body.task_id as string,
+    ];
+    await a.waitForFrame("task_assignment", 2);
+    const closing = s.app.close();
+    await a.waitForFrame("drain");
+    expect((await post(s, "/tasks", { task_type: "qa", description: "too late" })).status).toBe(503);
+    a.complete(t1, { in: "grace" });
+    a.complete(t2, { in: "grace" });
+    await closing;
+    const db = await start(name, { shareWith: s });
+    for (const id of [t1, t2]) expect(await db.persistence.tasks.get(id)).toMatchObject({ status: "completed", result: { in: "grace" }, failedAttempts: 0 });
+  });
+});
