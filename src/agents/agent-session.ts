@@ -269,8 +269,11 @@ export class AgentSession {
       this.send({ type: "completion_ack", taskId });
       return;
     }
-    if (this.held.has(taskId)) {
-      // Our lease is gone (e.g. cancelled in the same instant); forget it.
+    const lease = this.held.get(taskId);
+    if (lease && !(task && task.status === "assigned" && task.agentId === this.agentId && task.attempt === lease.attempt)) {
+      // The lease this session holds is really gone (e.g. cancelled in the
+      // same instant): forget it. A stale result for an older attempt must
+      // not cost the current lease.
       this.held.delete(taskId);
       this.slotFreed();
     }

@@ -1,0 +1,163 @@
+/**
+ * Fault scenarios on the backends, PostgreSQL + Redis only: Redis FLUSHDB
+ * and Redis restart (a private redis-server), and PostgreSQL cut off by a
+ * TCP proxy. Each ends by checking the books.
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { Redis } from "ioredis";
+import { PrivateRedis } from "../support/private-redis.js";
+import { TcpProxy } from "../support/tcp-proxy.js";
+import type { ChildServer } from "../support/child-server.js";
+import {
+  Scenario,
+  checkBooks,
+  createBackend,
+  eventually,
+  getJson,
+  postTask,
+  postgresTarget,
+  privateRedisOk,
+  proxiedDatabaseUrl,
+  sharedServices,
+  summarize,
+  taskRpc,
+} from "./harness.js";
+
+let current: Scenario | undefined;
+afterEach(async () => {
+  await current?.close();
+  current = undefined;
+});
+
+async function withPrivateRedis(name: string): Promise<{ s: Scenario; redis: PrivateRedis }> {
+  const redis = await PrivateRedis.start();
+  try {
+    current = new Scenario(name, await createBackend("postgres+redis", { redisUrl: redis.url }));
+  } catch (e: unknown) {
+    await redis.stop();
+    throw e;
+  }
+  current.onCleanup(() => redis.stop());
+  return { s: current, redis };
+}
+
+const queueDepth = async (server: ChildServer) => (await getJson<{ queue_depth: { total: number } }>(server, "/metrics")).body.queue_depth.total;
+
+/** Priorities created in this order; the expected run order is priority desc, then FIFO. */
+const PRIORITIES = [3, 7, 3, 9, 7, 1];
+function runOrder(ids: string[]): string[] {
+  return ids.map((id, i) => ({ id, p: PRIORITIES[i]!, i })).sort((x, y) => y.p - x.p || x.i - y.i).map((x) => x.id);
+}
+
+describe("backend faults on postgres+redis", () => {
+  it.skipIf(!privateRedisOk)("Redis FLUSHDB mid-run: the queue is rebuilt from the database in priority/FIFO order", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("Redis FLUSHDB mid-run");
+    const server = await s.startServer();
+    const agent = await s.agent(server, { maxConcurrency: 1 });
+    const running = await s.createTask(server, { description: "running during the flush", priority: 10 });
+    await agent.waitForFrame("task_assignment");
+    const ids: string[] = [];
+    for (const [i, priority] of PRIORITIES.entries()) ids.push(await s.createTask(server, { description: `queued ${i}`, priority }));
+    await eventually(async () => (await queueDepth(server)) === PRIORITIES.length, 5000, "six queued");
+
+    const admin = new Redis(redis.url);
+    s.onCleanup(() => admin.disconnect());
+    await admin.flushdb();
+    expect(await admin.dbsize()).toBe(0);
+    // The reconciler notices and puts every runnable task back (not the assigned one).
+    await eventually(async () => (await queueDepth(server)) === PRIORITIES.length && (await admin.dbsize()) > 0, 10_000, "queue rebuilt");
+
+    agent.complete(running, { ok: "running" });
+    await agent.waitForFrame("completion_ack");
+    // From now on complete everything, one at a time.
+    let seen = 1;
+    const timer = setInterval(() => {
+      while (seen < agent.assignments.length) agent.complete(agent.assignments[seen++]!.taskId, { ok: true });
+    }, 10);
+    s.onCleanup(() => clearInterval(timer));
+    await agent.waitForFrame("completion_ack", 1 + PRIORITIES.length, 15_000);
+    expect(agent.assignments.map((a) => a.taskId)).toEqual([running, ...runOrder(ids)]);
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+
+  it.skipIf(!privateRedisOk)("Redis restart: creates 503 with nothing written, reads work, /health says so, then it recovers by itself", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("Redis restart");
+    const server = await s.startServer();
+    const before: string[] = [];
+    for (const [i, priority] of PRIORITIES.slice(0, 3).entries()) before.push(await s.createTask(server, { description: `before the outage ${i}`, priority }));
+
+    await redis.stop();
+    await eventually(async () => {
+      const h = await getJson<{ status: string; components: { queue: string; database: string } }>(server, "/health");
+      return h.status === 503 && h.body.status === "unhealthy" && h.body.components.queue !== "ok" && h.body.components.database === "ok";
+    }, 10_000, "/health reports the queue down");
+    for (let i = 0; i < 3; i++) {
+      const res = await postTask(server, { description: `during the outage ${i}` });
+      expect(res.status, JSON.stringify(res.body)).toBe(503);
+    }
+    await expect(taskRpc(server, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "during the outage (grpc)" })).rejects.toMatchObject({ code: 14 });
+    expect((await s.backend.books.tasks()).length).toBe(before.length);
+    // Reads keep working.
+    expect((await getJson(server, `/tasks/${before[0]}`)).status).toBe(200);
+    const list = await getJson<unknown[]>(server, "/tasks");
+    expect(list.status).toBe(200);
+    expect(list.body).toHaveLength(before.length);
+
+    await redis.restart(); // empty: no persistence
+    await eventually(async () => (await getJson(server, "/health")).status === 200, 15_000, "/health ok again");
+    const after: string[] = [];
+    for (const [i, priority] of PRIORITIES.slice(3).entries()) after.push(await s.createTask(server, { description: `after the outage ${i}`, priority }));
+    await eventually(async () => (await queueDepth(server)) === PRIORITIES.length, 10_000, "all six queued");
+    const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
+    await agent.waitForFrame("completion_ack", PRIORITIES.length, 15_000);
+    expect(agent.assignments.map((a) => a.taskId)).toEqual(runOrder([...before, ...after]));
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+
+  it.skipIf(!sharedServices)("PostgreSQL cut off (proxy): 503 / UNAVAILABLE, never a 500, then it recovers by itself", { timeout: 60_000 }, async () => {
+    current = new Scenario("PostgreSQL restart (proxy)", await createBackend("postgres+redis"));
+    const s = current;
+    const proxy = await TcpProxy.start(postgresTarget());
+    s.onCleanup(() => proxy.close());
+    const server = await s.startServer({ DATABASE_URL: proxiedDatabaseUrl(s.backend, proxy.port) });
+    const holder = await s.agent(server, { transport: "ws" });
+    const held = await s.createTask(server, { description: "held through the outage" });
+    await holder.waitForFrame("task_assignment");
+
+    proxy.cut();
+    const bodies: string[] = [];
+    await eventually(async () => (await getJson(server, "/health")).status === 503, 10_000, "/health reports the database down");
+    const health = await getJson<{ components: { database: string } }>(server, "/health");
+    expect(health.body.components.database).not.toBe("ok");
+    const attempts = [
+      () => postTask(server, { description: "during the database outage" }),
+      () => getJson(server, `/tasks/${held}`),
+      () => getJson(server, "/tasks"),
+    ];
+    for (const call of attempts) {
+      const res = await call();
+      bodies.push(JSON.stringify(res.body));
+      expect(res.status, JSON.stringify(res.body)).toBe(503);
+    }
+    await expect(taskRpc(server, "GetTask", { task_id: held })).rejects.toMatchObject({ code: 14 });
+    for (const b of bodies) expect(b).not.toMatch(/\n\s+at |stack|ECONNRE/);
+
+    proxy.restore();
+    await eventually(async () => (await getJson(server, "/health")).status === 200, 20_000, "/health ok again");
+    // The held task: completed by its holder, or (if its lease lapsed in the outage) re-run.
+    const helper = await s.agent(server, { maxConcurrency: 2, autoComplete: () => ({ by: "helper" }) });
+    // The holder reports now and runs whatever it is given next.
+    let seen = 0;
+    const timer = setInterval(() => {
+      while (seen < holder.assignments.length) holder.complete(holder.assignments[seen++]!.taskId, { by: "holder" });
+    }, 10);
+    s.onCleanup(() => clearInterval(timer));
+    const fresh = [await s.createTask(server, { description: "after the outage 1" }), await s.createTask(server, { description: "after the outage 2" })];
+    await eventually(async () => (await s.backend.books.tasks()).every((r) => r.status === "completed"), 15_000, "everything completed");
+    expect([...helper.assignments, ...holder.assignments].map((a) => a.taskId)).toEqual(expect.arrayContaining(fresh));
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+});

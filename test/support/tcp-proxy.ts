@@ -1,0 +1,84 @@
+import { once } from "node:events";
+import net from "node:net";
+
+/**
+ * A TCP proxy a test controls, for cutting a server off from a backend
+ * (PostgreSQL) without touching the shared backend itself.
+ *
+ * `cut()` destroys every proxied connection and refuses new ones (each is
+ * accepted and reset at once, as a crashed or restarting database looks to a
+ * client); `restore()` forwards again. Listens on 127.0.0.1 on a free port.
+ */
+export class TcpProxy {
+  private readonly sockets = new Set<net.Socket>();
+  private isCut = false;
+  /** Connections refused while cut, for assertions and reports. */
+  refused = 0;
+
+  private constructor(
+    private readonly server: net.Server,
+    readonly port: number,
+  ) {}
+
+  /** Starts forwarding 127.0.0.1:<port> to `target`. */
+  static async start(target: { host: string; port: number }): Promise<TcpProxy> {
+    let proxy: TcpProxy | undefined;
+    const server = net.createServer((client) => proxy!.accept(client, target));
+    server.listen(0, "127.0.0.1");
+    await once(server, "listening");
+    proxy = new TcpProxy(server, (server.address() as net.AddressInfo).port);
+    return proxy;
+  }
+
+  get cutOff(): boolean {
+    return this.isCut;
+  }
+
+  /** Live proxied connections (client side). */
+  get connections(): number {
+    return [...this.sockets].filter((s) => !s.destroyed).length / 2;
+  }
+
+  private accept(client: net.Socket, target: { host: string; port: number }): void {
+    if (this.isCut) {
+      this.refused++;
+      client.resetAndDestroy();
+      return;
+    }
+    const upstream = net.connect(target);
+    this.sockets.add(client);
+    this.sockets.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      this.sockets.delete(client);
+      this.sockets.delete(upstream);
+    };
+    client.on("error", drop).on("close", drop);
+    upstream.on("error", drop).on("close", drop);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  }
+
+  /** Destroys every proxied connection and refuses new ones until {@link restore}. */
+  cut(): void {
+    this.isCut = true;
+    for (const s of this.sockets) {
+      // A reset, not a FIN: what a client sees when the database process dies.
+      if (!s.destroyed) s.resetAndDestroy();
+    }
+    this.sockets.clear();
+  }
+
+  /** Accepts and forwards new connections again. */
+  restore(): void {
+    this.isCut = false;
+  }
+
+  /** Stops listening and drops everything; safe to call twice. */
+  async close(): Promise<void> {
+    this.cut();
+    if (!this.server.listening) return;
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
