@@ -16,7 +16,7 @@ import { Sweeper } from "./agents/sweeper.js";
 import { backoffMs, type RetryPolicy } from "./tasks/retry-policy.js";
 import { createTaskValidator } from "./tasks/task-validation.js";
 import { createAgentMessageParser } from "./agents/agent-messages.js";
-import { createLocalTaskEvents } from "./tasks/task-events.js";
+import { createLocalTaskEvents, type TaskEvents } from "./tasks/task-events.js";
 import { createTaskService } from "./tasks/task-service.js";
 import { AgentSession, SERVER_SHUTDOWN } from "./agents/agent-session.js";
 import { Dispatcher } from "./agents/dispatcher.js";
@@ -37,6 +37,8 @@ export interface AppDeps {
   persistence: Persistence;
   /** Owned by the app from here on: closed when the app closes. */
   queue: PriorityQueue;
+  /** Fan-out of task changes; shared through Redis when instances share work. Default: this process only. Owned by the app. */
+  events?: TaskEvents;
   version: string;
   /** True when this instance is the only one (in-process queue): it may reclaim every orphaned lease at start. */
   singleInstance: boolean;
@@ -120,7 +122,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   await reconciler.run("start-up");
   reconciler.start();
 
-  const events = createLocalTaskEvents();
+  const events = deps.events ?? createLocalTaskEvents();
   const latency = new LatencyWindow();
   const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
   const sweeper = new Sweeper({ tasks: persistence.tasks, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
@@ -259,7 +261,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     clearTimeout(forceTimer);
     sweeper.close();
     // A backend that stopped answering must not keep the process from exiting.
-    if (!(await settleWithin(config.shutdownGraceMs, queue.close()))) log.warn("queue did not close in time");
+    if (!(await settleWithin(config.shutdownGraceMs, Promise.all([queue.close(), events.close()])))) log.warn("queue did not close in time");
     if (!(await settleWithin(config.shutdownGraceMs, persistence.close()))) log.warn("database did not close in time");
   });
 

@@ -4,6 +4,7 @@ import { createLogger, type Logger } from "./telemetry/logger.js";
 import { createPersistence } from "./persistence/orm.js";
 import { createInProcessQueue } from "./queue/in-process-queue.js";
 import { createRedisQueue } from "./queue/redis-queue.js";
+import { createRedisTaskEvents } from "./queue/redis-events.js";
 import type { PriorityQueue } from "./queue/priority-queue.js";
 import { buildApp } from "./app.js";
 
@@ -25,7 +26,8 @@ async function start(config: Config, log: Logger): Promise<void> {
     await persistence.close();
     throw new Error(`REDIS_URL: cannot reach ${redact(config.redisUrl ?? "")}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
   }
-  const app = await buildApp({ config, log, persistence, queue, version, singleInstance: !config.redisUrl });
+  const events = config.redisUrl ? createRedisTaskEvents({ url: config.redisUrl, prefix: config.redisPrefix, log }) : undefined;
+  const app = await buildApp({ config, log, persistence, queue, events, version, singleInstance: !config.redisUrl });
 
   let stopping = false;
   const stop = (signal: string) => {

@@ -4,7 +4,7 @@ import { uuidv7 } from "../ids.js";
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
 import { failedPrecondition, invalidArgument, notFound, toConnectError, unavailable } from "../errors/errors.js";
-import type { TaskEvents } from "./task-events.js";
+import type { TaskChange, TaskEvents } from "./task-events.js";
 import type { TaskRepository } from "./task-repository.js";
 import { isTerminal } from "./task-state.js";
 import type { JsonValue, TaskRecord, TaskStatus, TaskType } from "./task-types.js";
@@ -222,10 +222,12 @@ export function createTaskService({ tasks, queue, events, log, validate, idempot
      * between the read and the subscription can be missed.
      */
     async *watch(taskId: string, signal: AbortSignal): AsyncGenerator<TaskRecord> {
-      const pending: TaskRecord[] = [];
+      // A change from this instance carries the task as committed, so every
+      // state is seen; one from another instance is re-read from the database.
+      const changes: TaskChange[] = [];
       let wake: (() => void) | undefined;
-      const unsubscribe = events.subscribe(taskId, (t) => {
-        pending.push(t);
+      const unsubscribe = events.subscribe(taskId, (change) => {
+        changes.push(change);
         wake?.();
       });
       const onAbort = () => wake?.();
@@ -234,13 +236,17 @@ export function createTaskService({ tasks, queue, events, log, validate, idempot
         let last = await getOrThrow(taskId);
         yield last;
         while (!isTerminal(last.status) && !signal.aborted) {
-          const next = pending.shift();
-          if (!next) {
+          const change = changes.shift();
+          if (!change) {
             await new Promise<void>((resolve) => (wake = resolve));
             wake = undefined;
             continue;
           }
-          if (next.updatedAt < last.updatedAt || (next.status === last.status && next.updatedAt.getTime() === last.updatedAt.getTime() && next.attempt === last.attempt)) continue;
+          const next = change.task ?? (await getOrThrow(taskId));
+          const newer =
+            next.updatedAt > last.updatedAt ||
+            (next.updatedAt.getTime() === last.updatedAt.getTime() && (next.status !== last.status || next.attempt !== last.attempt));
+          if (!newer) continue;
           last = next;
           yield last;
         }

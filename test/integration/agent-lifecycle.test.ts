@@ -5,7 +5,8 @@
  */
 import { afterEach, describe, expect, it } from "vitest";
 import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
-import { GrpcAgent, WsAgent, type TestAgent } from "../support/clients.js";
+import * as grpc from "@grpc/grpc-js";
+import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
 
 async function postTask(s: TestServer, body: Record<string, unknown>) {
   const res = await fetch(`${s.baseUrl}/tasks`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
@@ -102,5 +103,30 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     await eventually(async () => (await a.persistence.tasks.get(id))?.status === "completed", 5000, "A sees completion");
     const viaA = (await (await fetch(`${a.baseUrl}/tasks/${id}`)).json()) as { status: string; result: unknown };
     expect(viaA).toMatchObject({ status: "completed", result: { on: "b" } });
+  });
+
+  it.skipIf(!available || name === "embedded")("a watch on one instance sees changes made through another, and a cancel reaches the holder's instance", async () => {
+    const a = await start(name);
+    const b = await start(name, { shareWith: a });
+    const agentOnB = track(await GrpcAgent.connect(b.port, { capabilities: ["qa"] }));
+    const watched = await postTask(a, { task_type: "qa", description: "watched from A" });
+    const tc = grpcClient("TaskService", a.port);
+    const stream = (tc as unknown as { WatchTask(r: object): grpc.ClientReadableStream<{ task: { status: string } }> }).WatchTask({ task_id: watched });
+    const seen: string[] = [];
+    const ended = new Promise<void>((resolve) => stream.on("end", resolve));
+    stream.on("data", (m) => seen.push(m.task.status));
+    await agentOnB.waitForFrame("task_assignment");
+    agentOnB.complete(watched, {});
+    await ended;
+    expect(seen).toEqual(["TASK_STATUS_PENDING", "TASK_STATUS_ASSIGNED", "TASK_STATUS_COMPLETED"].slice(seen[0] === "TASK_STATUS_PENDING" ? 0 : 1));
+    expect(seen.at(-1)).toBe("TASK_STATUS_COMPLETED");
+    // Cancelled through A while B's agent holds it: the agent is told and its slot freed.
+    const held = await postTask(a, { task_type: "qa", description: "cancelled from A" });
+    await agentOnB.waitFor((x) => x.assignments.some((t) => t.taskId === held), 5000, "second assignment");
+    await unary(tc, "CancelTask", { task_id: held });
+    await agentOnB.waitFor((x) => x.frames.some((f) => f.type === "task_cancelled" && f.taskId === held), 5000, "task_cancelled on B");
+    const next = await postTask(a, { task_type: "qa", description: "the freed slot takes this" });
+    await agentOnB.waitFor((x) => x.assignments.some((t) => t.taskId === next), 5000, "freed slot used");
+    tc.close();
   });
 });

@@ -11,6 +11,7 @@ import { createLogger } from "../../src/telemetry/logger.js";
 import { createPersistence, type Persistence } from "../../src/persistence/orm.js";
 import { createInProcessQueue } from "../../src/queue/in-process-queue.js";
 import { createRedisQueue } from "../../src/queue/redis-queue.js";
+import { createRedisTaskEvents } from "../../src/queue/redis-events.js";
 import { TEST_POSTGRES_URL, TEST_REDIS_URL, postgresAvailable, redisAvailable, uniqueName } from "./services.js";
 
 export type BackendName = "embedded" | "postgres+redis";
@@ -68,6 +69,7 @@ export async function startServer(backend: BackendName, options: StartOptions = 
   const cleanups: Array<() => Promise<void>> = [];
   let persistence: Persistence;
   let queue;
+  let events;
   const shared = options.shareWith?.data;
   let data: TestServer["data"];
   if (backend === "embedded") {
@@ -111,8 +113,9 @@ export async function startServer(backend: BackendName, options: StartOptions = 
     });
     persistence = await createPersistence({ url: TEST_POSTGRES_URL, schema, log });
     queue = createRedisQueue({ url: redisUrl, prefix, log });
+    events = createRedisTaskEvents({ url: redisUrl, prefix, log });
   }
-  const app = await buildApp({ config, log, persistence, queue, version: "test", singleInstance: backend === "embedded" });
+  const app = await buildApp({ config, log, persistence, queue, events, version: "test", singleInstance: backend === "embedded" });
   await app.fastify.listen({ port: 0, host: "127.0.0.1" });
   const port = (app.fastify.server.address() as AddressInfo).port;
   return {

@@ -1,0 +1,55 @@
+import { randomUUID } from "node:crypto";
+import { Redis } from "ioredis";
+import { TaskListeners, type TaskEvents } from "../tasks/task-events.js";
+import { isTaskStatus, type TaskRecord } from "../tasks/task-types.js";
+import type { QueueLog } from "./in-process-queue.js";
+
+/**
+ * Task changes fanned out to every instance through Redis pub/sub on
+ * `{prefix}:events` (same hash tag as the queue). Local listeners hear local
+ * changes at once; other instances' changes arrive through the subscription.
+ * Publishing never waits: a change that cannot be announced (Redis down) is
+ * still committed, and remote watchers catch up on their next event.
+ */
+export function createRedisTaskEvents(options: { url: string; prefix?: string; log?: QueueLog }): TaskEvents {
+  const channel = `{${options.prefix ?? "aaos"}}:events`;
+  const origin = randomUUID();
+  const listeners = new TaskListeners();
+  const common = { maxRetriesPerRequest: 0, enableOfflineQueue: false, retryStrategy: (n: number) => Math.min(100 * 2 ** Math.min(n, 5), 2000) };
+  const pub = new Redis(options.url, { ...common, lazyConnect: false });
+  // The subscriber waits for Redis as long as it takes and re-subscribes after every reconnect.
+  const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: true, retryStrategy: common.retryStrategy });
+  let warnedAt = 0;
+  const warn = (e: unknown, msg: string) => {
+    if (Date.now() - warnedAt < 30_000) return;
+    warnedAt = Date.now();
+    options.log?.warn({ err: e }, msg);
+  };
+  pub.on("error", (e) => warn(e, "task event publisher: redis error"));
+  sub.on("error", (e) => warn(e, "task event subscriber: redis error"));
+  sub.subscribe(channel).catch((e: unknown) => warn(e, "task event subscriber could not subscribe"));
+  sub.on("message", (_channel: string, message: string) => {
+    try {
+      const m = JSON.parse(message) as { o: string; i: string; s: string; a: string | null; n: number; u: number };
+      if (m.o === origin || !isTaskStatus(m.s)) return;
+      listeners.deliver({ taskId: m.i, status: m.s, agentId: m.a, attempt: m.n, updatedAt: new Date(m.u) });
+    } catch (e: unknown) {
+      warn(e, "ignored a malformed task event");
+    }
+  });
+  let closing: Promise<void> | undefined;
+  return {
+    publish(change: TaskRecord) {
+      listeners.deliver({ ...change, task: change });
+      if (closing || pub.status !== "ready") return;
+      const m = { o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime() };
+      pub.publish(channel, JSON.stringify(m)).catch((e: unknown) => warn(e, "could not announce a task change"));
+    },
+    subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
+    subscribeAll: (listener) => listeners.subscribeAll(listener),
+    close() {
+      closing ??= Promise.all([pub.quit().catch(() => pub.disconnect()), sub.quit().catch(() => sub.disconnect())]).then(() => undefined);
+      return closing;
+    },
+  };
+}
