@@ -125,7 +125,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   const events = deps.events ?? createLocalTaskEvents();
   const latency = new LatencyWindow();
   const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
-  const sweeper = new Sweeper({ tasks: persistence.tasks, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
+  const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
   sweeper.start();
   // Cleared when shutdown begins: new tasks and agents are refused so they
   // go to an instance that will still be there.
@@ -145,6 +145,14 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     accepting: () => accepting,
     registry: dispatcher,
   };
+  // Other instances mark their agents as seen every third of a lease.
+  const agentService = createAgentService({
+    agents: persistence.agents,
+    tasks: persistence.tasks,
+    dispatcher,
+    presenceWindowMs: config.leaseTtlMs + config.sweepIntervalMs,
+    clock,
+  });
   const services: AppServices = {
     tasks: createTaskService({
       tasks: persistence.tasks,
@@ -156,11 +164,11 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       idempotencyTtlMs: config.idempotencyTtlMs,
       accepting: () => accepting,
     }),
-    agents: createAgentService({ agents: persistence.agents, dispatcher }),
+    agents: agentService,
     metrics: createMetricsService({
       tasks: persistence.tasks,
       queue,
-      dispatcher,
+      agents: agentService,
       latency,
       pingDatabase: () => persistence.ping(),
       clock,

@@ -116,8 +116,8 @@ export class AgentSession {
       case "register":
         return this.register(message);
       case "heartbeat":
+        // Recorded in the database in batches by the sweeper, not per beat.
         this.send({ type: "heartbeat_ack" });
-        await this.deps.agents.touchHeartbeat(this.agentId, this.lastSeen).catch((e: unknown) => this.log.warn({ err: e }, "could not record heartbeat"));
         return;
       case "task_complete":
         return this.complete(message);

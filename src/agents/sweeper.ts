@@ -1,12 +1,13 @@
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
-import type { TaskRepository } from "../tasks/task-repository.js";
+import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
 import type { TaskEvents } from "../tasks/task-events.js";
 import { backoffMs, type RetryPolicy } from "../tasks/retry-policy.js";
 import type { Dispatcher } from "./dispatcher.js";
 
 export interface SweeperOptions {
   tasks: TaskRepository;
+  agents: AgentRepository;
   queue: PriorityQueue;
   events: TaskEvents;
   dispatcher: Dispatcher;
@@ -22,8 +23,9 @@ const BATCH = 500;
 
 /**
  * The time-driven side of delivery, one pass every `intervalMs`:
- * - renews the leases of tasks held by this instance's live sessions (one
- *   statement for all of them), so only a dead holder's lease runs out;
+ * - renews the leases of tasks held by this instance's live sessions and
+ *   marks those agents as seen (one statement each for all of them), so only
+ *   a dead holder's lease runs out and other instances know who is alive;
  * - ends attempts past their execution timeout (the agent is told);
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
@@ -52,7 +54,7 @@ export class Sweeper {
     const now = this.o.clock();
     const sessions = this.o.dispatcher.list();
     for (const s of sessions) s.expireOverdue(now);
-    await this.step("renew leases", () => this.renew(now, sessions.filter((s) => s.held.size > 0).map((s) => s.agentId)));
+    await this.step("renew leases", () => this.renew(now, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(sessions.map((s) => s.agentId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
   }
@@ -69,6 +71,7 @@ export class Sweeper {
   private async renew(now: Date, agentIds: string[]): Promise<void> {
     if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
     await this.o.tasks.renewLeases(agentIds, new Date(now.getTime() + this.o.leaseTtlMs));
+    await this.o.agents.touchHeartbeats(agentIds, now);
     this.lastRenewal = now.getTime();
   }
 

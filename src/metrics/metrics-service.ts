@@ -1,7 +1,7 @@
 import type { PriorityQueue, QueueDepth } from "../queue/priority-queue.js";
 import type { TaskRepository } from "../tasks/task-repository.js";
 import type { TaskStatus } from "../tasks/task-types.js";
-import type { Dispatcher } from "../agents/dispatcher.js";
+import type { AgentService } from "../agents/agent-service.js";
 import { toConnectError } from "../errors/errors.js";
 import type { LatencyWindow } from "./latency-window.js";
 
@@ -42,11 +42,15 @@ async function probe(check: () => Promise<void>): Promise<string> {
   }
 }
 
-/** The figures behind GET /metrics and GetMetrics, and the health report. */
+/**
+ * The figures behind GET /metrics and GetMetrics, and the health report.
+ * Task, queue and agent figures cover the whole cluster; dispatch latency
+ * and uptime are this instance's.
+ */
 export function createMetricsService(o: {
   tasks: TaskRepository;
   queue: PriorityQueue;
-  dispatcher: Dispatcher;
+  agents: AgentService;
   latency: LatencyWindow;
   pingDatabase: () => Promise<void>;
   clock: () => Date;
@@ -55,20 +59,20 @@ export function createMetricsService(o: {
   return {
     async snapshot(): Promise<MetricsSnapshot> {
       const now = o.clock();
-      const [counts, queueDepth, completedLastMinute, retryWaiting] = await Promise.all([
+      const [counts, queueDepth, completedLastMinute, retryWaiting, agents] = await Promise.all([
         o.tasks.countByStatus(),
         o.queue.depth(),
         o.tasks.countCompletedSince(new Date(now.getTime() - 60_000)),
         o.tasks.countRetryWaiting(),
+        o.agents.list(false),
       ]).catch((e: unknown) => Promise.reject(toConnectError(e)));
-      const sessions = o.dispatcher.list();
-      const busy = sessions.filter((s) => s.held.size > 0).length;
+      const busy = agents.filter((a) => a.status === "busy").length;
       const p = o.latency.percentiles();
       const total = Object.values(counts).reduce((a, b) => a + b, 0);
       return {
         tasks: { ...counts, total, retryWaiting },
         queueDepth,
-        agents: { connected: sessions.length, idle: sessions.length - busy, busy },
+        agents: { connected: agents.length, idle: agents.length - busy, busy },
         completedPerMinute: completedLastMinute,
         dispatchLatency: { p50Ms: p.p50, p90Ms: p.p90, p99Ms: p.p99, samples: p.samples },
         uptimeSeconds: (now.getTime() - o.startedAt.getTime()) / 1000,

@@ -60,8 +60,9 @@ export function createAgentRepository(deps: RepositoryDeps): AgentRepository {
         .nativeUpdate(Agent, { agentId }, { status, isActive: status !== "disconnected", updatedAt: now });
     },
 
-    async touchHeartbeat(agentId, now) {
-      await deps.fork().nativeUpdate(Agent, { agentId }, { lastHeartbeat: now, updatedAt: now });
+    async touchHeartbeats(agentIds, now) {
+      if (agentIds.length === 0) return;
+      await deps.fork().nativeUpdate(Agent, { agentId: { $in: [...agentIds] } }, { lastHeartbeat: now });
     },
 
     async list() {

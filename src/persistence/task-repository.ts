@@ -369,6 +369,17 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
       return counts;
     },
 
+    async countAssignedByAgent(): Promise<Map<string, number>> {
+      const rows: Array<{ agent_id: string | null; n: number | string }> = await deps
+        .fork()
+        .createQueryBuilder(Task)
+        .select(["agentId", raw("count(*) as n")])
+        .where({ status: "assigned" })
+        .groupBy("agentId")
+        .execute("all", false);
+      return new Map(rows.filter((r) => r.agent_id).map((r) => [r.agent_id!, Number(r.n)]));
+    },
+
     async countRetryWaiting(): Promise<number> {
       return deps.fork().count(Task, { status: "pending", runAt: { $ne: null } });
     },

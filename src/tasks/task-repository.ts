@@ -84,6 +84,8 @@ export interface TaskRepository {
   maxSeq(): Promise<number>;
   countByStatus(): Promise<Record<TaskStatus, number>>;
   countCompletedSince(since: Date): Promise<number>;
+  /** ASSIGNED tasks per holding agent. */
+  countAssignedByAgent(): Promise<Map<string, number>>;
   /** PENDING tasks waiting out a retry backoff (not in the queue yet). */
   countRetryWaiting(): Promise<number>;
   /** Audit rows of one task, oldest first. */
@@ -107,7 +109,8 @@ export interface AgentRepository {
   /** Insert or update the agent as connected (idle). */
   upsertConnected(agent: Omit<AgentRecord, "status" | "isActive" | "createdAt" | "updatedAt" | "lastHeartbeat">, now: Date): Promise<void>;
   setStatus(agentId: string, status: AgentRecord["status"], now: Date): Promise<void>;
-  touchHeartbeat(agentId: string, now: Date): Promise<void>;
+  /** Records that these agents' sessions are alive (one statement for an instance's agents). */
+  touchHeartbeats(agentIds: readonly string[], now: Date): Promise<void>;
   list(): Promise<AgentRecord[]>;
   /** Start-up: no agent is connected to a fresh single instance. */
   markAllDisconnected(now: Date): Promise<void>;

@@ -105,6 +105,33 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     expect(viaA).toMatchObject({ status: "completed", result: { on: "b" } });
   });
 
+  it.skipIf(!available || name === "embedded")("ListAgents and the metrics on any instance cover agents connected to every instance", async () => {
+    const env = { LEASE_TTL_MS: "600", HEARTBEAT_INTERVAL_MS: "100", HEARTBEAT_TIMEOUT_MS: "600", SWEEP_INTERVAL_MS: "50" };
+    const a = await start(name, { env });
+    const b = await start(name, { env, shareWith: a });
+    const onA = track(await WsAgent.connect(a.port, { agentId: "agent-on-a" }));
+    const onB = track(await GrpcAgent.connect(b.port, { agentId: "agent-on-b", capabilities: ["code"] }));
+    const beat = setInterval(() => [onA, onB].forEach((x) => x.heartbeat()), 100);
+    try {
+      const id = await postTask(a, { task_type: "code", description: "keeps agent-on-b busy" });
+      await eventually(async () => onA.assignments.length + onB.assignments.length === 1, 5000, "assigned");
+      const holder = onA.assignments.length ? "agent-on-a" : "agent-on-b";
+      for (const s of [a, b]) {
+        const agentsSeen = (await (await fetch(`${s.baseUrl}/agents`)).json()) as Array<{ agent_id: string; status: string; active_tasks: number }>;
+        expect(agentsSeen.map((x) => x.agent_id).sort()).toEqual(["agent-on-a", "agent-on-b"]);
+        expect(agentsSeen.find((x) => x.agent_id === holder)).toMatchObject({ status: "busy", active_tasks: 1 });
+        const m = (await (await fetch(`${s.baseUrl}/metrics`)).json()) as { agents: unknown };
+        expect(m.agents).toEqual({ connected: 2, idle: 1, busy: 1 });
+      }
+      // An agent whose instance stops marking it alive drops out of the view.
+      await b.app.close();
+      await eventually(async () => ((await (await fetch(`${a.baseUrl}/agents`)).json()) as unknown[]).length === 1, 5000, "agent-on-b gone");
+      void id;
+    } finally {
+      clearInterval(beat);
+    }
+  });
+
   it.skipIf(!available || name === "embedded")("a watch on one instance sees changes made through another, and a cancel reaches the holder's instance", async () => {
     const a = await start(name);
     const b = await start(name, { shareWith: a });

@@ -515,8 +515,12 @@ for (const backend of backends) {
       ]);
 
       await db.agents.setStatus("agent-1", "busy", later(2));
-      await db.agents.touchHeartbeat("agent-1", later(3));
-      expect((await db.agents.list())[0]).toMatchObject({ status: "busy", lastHeartbeat: later(3), updatedAt: later(3) });
+      await db.agents.touchHeartbeats(["agent-1"], later(3));
+      await db.agents.touchHeartbeats([], later(9));
+      expect((await db.agents.list()).map((a) => [a.agentId, a.status, a.lastHeartbeat])).toEqual([
+        ["agent-1", "busy", later(3)],
+        ["agent-2", "idle", later(1)],
+      ]);
 
       await db.agents.markAllDisconnected(later(4));
       expect((await db.agents.list()).map((a) => [a.status, a.isActive])).toEqual([
