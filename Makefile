@@ -54,3 +54,10 @@ check-generated: node_modules/.installed
 
 clean:
 	rm -rf dist node_modules
+
+# Benchmark against BullMQ on the local PostgreSQL + Redis; prints a table.
+# Knobs: make bench ARGS='--tasks=5000 --sections=throughput'  (or BENCH_* env; ARGS=--help lists them).
+.PHONY: bench
+bench: build
+	npx tsc -p bench/tsconfig.json
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); node dist/bench/bench.js $(ARGS)
