@@ -30,6 +30,7 @@ export interface DispatcherOptions {
 export class Dispatcher {
   private readonly sessions = new Map<string, AgentSession>();
   private running = false;
+  private rotation = 0;
   private again = false;
   private stopped = false;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -109,16 +110,26 @@ export class Dispatcher {
 
   /**
    * Round-robin over sessions with free slots, one task each per round, until
-   * a round hands out nothing: keeps agents evenly loaded.
+   * a round hands out nothing: keeps agents evenly loaded. A claim that finds
+   * nothing for a set of task types answers for every session whose
+   * capabilities fall within it, so a pass costs one claim per distinct
+   * capability set rather than one per idle session.
    */
   private async pass(): Promise<void> {
-    let candidates = [...this.sessions.values()].filter((s) => s.freeSlots > 0);
+    const sessions = [...this.sessions.values()];
+    // Start each pass somewhere else, so no agent is always served first.
+    const offset = sessions.length ? this.rotation++ % sessions.length : 0;
+    let candidates = [...sessions.slice(offset), ...sessions.slice(0, offset)].filter((s) => s.freeSlots > 0);
+    const exhausted: Array<ReadonlySet<string>> = [];
+    const hasNoWork = (s: AgentSession) => exhausted.some((empty) => s.capabilities.every((t) => empty.has(t)));
     while (candidates.length > 0 && !this.stopped) {
       const stillHungry: AgentSession[] = [];
       for (const session of candidates) {
-        if (session.freeSlots <= 0) continue;
+        if (session.freeSlots <= 0 || hasNoWork(session)) continue;
         if (await this.assignOne(session)) {
           if (session.freeSlots > 0) stillHungry.push(session);
+        } else {
+          exhausted.push(new Set(session.capabilities));
         }
       }
       candidates = stillHungry;

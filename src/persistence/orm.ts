@@ -151,6 +151,13 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     if (target.dialect === "postgresql" && options.schema) {
       await em.execute(`create schema if not exists ${quoteIdentifier(options.schema)}`);
     }
+    if (target.dialect === "sqlite" && target.file !== ":memory:") {
+      // WAL: a commit is one append and fsync instead of a rollback journal's
+      // several, and readers never wait for the writer. synchronous stays FULL
+      // so an acknowledged task survives a power cut, not only a crash.
+      await em.execute("pragma journal_mode = wal");
+      await em.execute("pragma synchronous = full");
+    }
 
     const applied = await orm.migrator.up();
     if (applied.length > 0) {
