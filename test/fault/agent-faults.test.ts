@@ -4,38 +4,25 @@
  * execution timeout with a late result, cancellation during execution, and
  * retries up to dead-letter and back. Each ends by checking the books.
  */
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { GrpcAgent, WsAgent, type Assignment, type TestAgent } from "../support/clients.js";
 import {
   Scenario,
   auditOf,
   checkBooks,
-  createBackend,
   eventually,
   expectRefused,
   getJson,
-  sharedServices,
   summarize,
   taskRow,
   taskRpc,
   waitAgent,
-  type FaultBackend,
+  FAULT_BACKENDS,
+  scenarioPerTest,
 } from "./harness.js";
 
-const BACKENDS: Array<{ backend: FaultBackend; available: boolean }> = [
-  { backend: "postgres+redis", available: sharedServices },
-  { backend: "embedded", available: true },
-];
-
-let current: Scenario | undefined;
-afterEach(async () => {
-  await current?.close();
-  current = undefined;
-});
-async function scenario(name: string, backend: FaultBackend): Promise<Scenario> {
-  current = new Scenario(name, await createBackend(backend));
-  return current;
-}
+const BACKENDS = FAULT_BACKENDS;
+const scenario = scenarioPerTest();
 
 /** Calls `handler` once for every assignment the agent receives, in order. */
 function serve(s: Scenario, agent: TestAgent, handler: (a: Assignment) => void): () => void {

@@ -3,7 +3,7 @@
  * and Redis restart (a private redis-server), and PostgreSQL cut off by a
  * TCP proxy. Each ends by checking the books.
  */
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { Redis } from "ioredis";
 import { PrivateRedis } from "../support/private-redis.js";
 import { TcpProxy } from "../support/tcp-proxy.js";
@@ -11,7 +11,6 @@ import type { ChildServer } from "../support/child-server.js";
 import {
   Scenario,
   checkBooks,
-  createBackend,
   eventually,
   getJson,
   postTask,
@@ -21,24 +20,22 @@ import {
   sharedServices,
   summarize,
   taskRpc,
+  scenarioPerTest,
 } from "./harness.js";
 
-let current: Scenario | undefined;
-afterEach(async () => {
-  await current?.close();
-  current = undefined;
-});
+const scenario = scenarioPerTest();
 
 async function withPrivateRedis(name: string): Promise<{ s: Scenario; redis: PrivateRedis }> {
   const redis = await PrivateRedis.start();
+  let s: Scenario;
   try {
-    current = new Scenario(name, await createBackend("postgres+redis", { redisUrl: redis.url }));
+    s = await scenario(name, "postgres+redis", { redisUrl: redis.url });
   } catch (e: unknown) {
     await redis.stop();
     throw e;
   }
-  current.onCleanup(() => redis.stop());
-  return { s: current, redis };
+  s.onCleanup(() => redis.stop());
+  return { s, redis };
 }
 
 const queueDepth = async (server: ChildServer) => (await getJson<{ queue_depth: { total: number } }>(server, "/metrics")).body.queue_depth.total;
@@ -117,8 +114,7 @@ describe("backend faults on postgres+redis", () => {
   });
 
   it.skipIf(!sharedServices)("PostgreSQL cut off (proxy): 503 / UNAVAILABLE, never a 500, then it recovers by itself", { timeout: 60_000 }, async () => {
-    current = new Scenario("PostgreSQL restart (proxy)", await createBackend("postgres+redis"));
-    const s = current;
+    const s = await scenario("PostgreSQL restart (proxy)", "postgres+redis");
     const proxy = await TcpProxy.start(postgresTarget());
     s.onCleanup(() => proxy.close());
     const server = await s.startServer({ DATABASE_URL: proxiedDatabaseUrl(s.backend, proxy.port) });

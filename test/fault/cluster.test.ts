@@ -4,20 +4,16 @@
  * and agent views span instances, priorities and FIFO hold across them, and
  * killing one loses nothing.
  */
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import * as grpc from "@grpc/grpc-js";
-import { Scenario, checkBooks, createBackend, getJson, sharedServices, summarize, taskRow } from "./harness.js";
+import { checkBooks, getJson, scenarioPerTest, sharedServices, summarize, taskRow } from "./harness.js";
 import { grpcClient } from "../support/clients.js";
 
-let current: Scenario | undefined;
-afterEach(async () => {
-  await current?.close();
-  current = undefined;
-});
+const scenario = scenarioPerTest();
 
 describe.skipIf(!sharedServices)("a cluster of three instances", () => {
   it("shares work, watches, agents and order across instances, and survives losing one", { timeout: 90_000 }, async () => {
-    const s = (current = new Scenario("three instances", await createBackend("postgres+redis")));
+    const s = await scenario("three instances", "postgres+redis");
     const [a, b, c] = [await s.startServer({}, "A"), await s.startServer({}, "B"), await s.startServer({}, "C")];
 
     // Producers on A and C, alternating, before any agent is connected.

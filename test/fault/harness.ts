@@ -8,7 +8,7 @@ import { appendFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { DatabaseSync } from "node:sqlite";
-import { expect } from "vitest";
+import { expect, afterEach } from "vitest";
 import pg from "pg";
 import { Redis } from "ioredis";
 import { ChildServer } from "../support/child-server.js";
@@ -23,6 +23,25 @@ export type FaultBackend = "postgres+redis" | "embedded";
 
 /** PostgreSQL + Redis scenarios need both shared services. */
 export const sharedServices = postgresAvailable && redisAvailable;
+/** Both backends, and whether each can run here. */
+export const FAULT_BACKENDS: Array<{ backend: FaultBackend; available: boolean }> = [
+  { backend: "postgres+redis", available: postgresAvailable && redisAvailable },
+  { backend: "embedded", available: true },
+];
+
+/**
+ * For a test file: every test gets a fresh scenario from the returned
+ * function, closed (servers, agents, data) after the test whatever happened.
+ */
+export function scenarioPerTest(): (name: string, backend: FaultBackend, options?: BackendOptions) => Promise<Scenario> {
+  let current: Scenario | undefined;
+  afterEach(async () => {
+    await current?.close();
+    current = undefined;
+  });
+  return async (name, backend, options) => (current = new Scenario(name, await createBackend(backend, options)));
+}
+
 /** Scenarios that kill or flush Redis need a private redis-server as well. */
 export const privateRedisOk = sharedServices && hasRedisServer;
 

@@ -4,36 +4,22 @@
  * hand-back), and a late completion after a lease expired while its instance
  * was frozen. Each ends by checking the books.
  */
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import {
-  Scenario,
   auditOf,
   checkBooks,
-  createBackend,
   eventually,
   expectRefused,
   postTask,
-  sharedServices,
   summarize,
   taskRow,
   taskRpc,
-  type FaultBackend,
+  FAULT_BACKENDS,
+  scenarioPerTest,
 } from "./harness.js";
 
-const BACKENDS: Array<{ backend: FaultBackend; available: boolean }> = [
-  { backend: "postgres+redis", available: sharedServices },
-  { backend: "embedded", available: true },
-];
-
-let current: Scenario | undefined;
-afterEach(async () => {
-  await current?.close();
-  current = undefined;
-});
-async function scenario(name: string, backend: FaultBackend): Promise<Scenario> {
-  current = new Scenario(name, await createBackend(backend));
-  return current;
-}
+const BACKENDS = FAULT_BACKENDS;
+const scenario = scenarioPerTest();
 
 describe.each(BACKENDS)("orchestrator faults on $backend", ({ backend, available }) => {
   it.skipIf(!available)("kill -9 mid-run, then restart: held tasks are re-queued and everything completes once", { timeout: 60_000 }, async () => {

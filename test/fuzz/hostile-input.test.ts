@@ -19,7 +19,7 @@ import { create, fromBinary, toBinary, type JsonObject } from "@bufbuild/protobu
 import { CreateTaskRequestSchema, CreateTaskResponseSchema, GetTaskRequestSchema, ListTasksRequestSchema } from "../../gen/aaos/v1/task_service_pb.js";
 import { SessionRequestSchema, SessionResponseSchema, type SessionRequest, type SessionResponse } from "../../gen/aaos/v1/agent_service_pb.js";
 import { BACKENDS, startServer, type TestServer } from "../support/server.js";
-import { grpcClient, toStruct, unary } from "../support/clients.js";
+import { fromStruct, grpcClient, toStruct, unary } from "../support/clients.js";
 import {
   TASK_STATUSES,
   TASK_TYPES,
@@ -876,7 +876,7 @@ describe.each(BACKENDS)("hostile input on $name", ({ name, available }) => {
               // The client encodes strings as UTF-8, so lone surrogates arrive as U+FFFD.
               const e: ExpectedTask = { taskType: String(t.task_type).replace(/^TASK_TYPE_/, "").toLowerCase(), description: utf8RoundTrip(req.description) as string, priority: (req.priority as number | undefined) ?? 5, metadata: canonical(utf8RoundTrip(meta)), via: "grpc-js" };
               noteCreated(String(t.task_id), e, "grpc-js CreateTask", caseId, inputText);
-              const answered = { ...t, task_type: e.taskType, metadata: fromStructLoose(t.metadata) };
+              const answered = { ...t, task_type: e.taskType, metadata: fromStruct(t.metadata as Parameters<typeof fromStruct>[0]) };
               for (const p of intactProblems(answered, e)) findings.push({ protocol: "grpc-js CreateTask", caseId, input: inputText, observed: `answer differs: ${p}` });
               const typeOk = typeof req.task_type === "number" ? Number(req.task_type) >= 1 && Number(req.task_type) <= 7 : req.task_type !== "TASK_TYPE_UNSPECIFIED";
               if (!typeOk) findings.push({ protocol: "grpc-js CreateTask", caseId, input: inputText, observed: `OK for task_type ${show(req.task_type)}: ${show(t, 300)}` });
@@ -1042,23 +1042,3 @@ function utf8RoundTrip(v: unknown): unknown {
 }
 
 /** proto-loader's Struct object form → plain JSON (a local copy tolerant of missing `kind`). */
-function fromStructLoose(s: unknown): Record<string, unknown> {
-  const value = (v: Record<string, unknown>): unknown => {
-    switch (v.kind) {
-      case "nullValue":
-        return null;
-      case "numberValue":
-        return v.numberValue;
-      case "stringValue":
-        return v.stringValue;
-      case "boolValue":
-        return v.boolValue;
-      case "listValue":
-        return ((v.listValue as { values?: Array<Record<string, unknown>> })?.values ?? []).map(value);
-      default:
-        return fromStructLoose(v.structValue);
-    }
-  };
-  const fields = (s as { fields?: Record<string, Record<string, unknown>> } | undefined)?.fields ?? {};
-  return Object.fromEntries(Object.entries(fields).map(([k, v]) => [k, value(v)]));
-}
