@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { uuidv7 } from "../ids.js";
+import { insertAudit, insertTaskReturning, updateTaskReturning, type TaskValues } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -57,20 +57,6 @@ function toRecord(row: Task): TaskRecord {
   };
 }
 
-function auditRow(taskId: string, entry: AuditEntry, at: Date) {
-  return {
-    logId: uuidv7(),
-    taskId,
-    agentId: entry.agentId,
-    action: entry.action,
-    fromStatus: entry.fromStatus,
-    toStatus: entry.toStatus,
-    correlationId: entry.correlationId,
-    detailsJson: entry.details === undefined ? null : JSON.stringify(entry.details),
-    createdAt: at,
-  };
-}
-
 /**
  * TaskRepository over MikroORM. Each state change is one set-based UPDATE whose
  * WHERE carries the expected state (the compare-and-set), written in the same
@@ -88,16 +74,17 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
    */
   async function transition(
     taskId: string,
-    expected: Record<string, unknown>,
-    set: Record<string, unknown>,
+    expected: TaskValues,
+    set: TaskValues,
     now: Date,
     audit: (after: TaskRecord) => AuditEntry,
   ): Promise<TaskRecord | null> {
+    // One UPDATE … RETURNING is both the compare-and-set and the re-read; the
+    // audit row goes in with it, in the same transaction on the same connection.
     return deps.fork().transactional(async (em) => {
-      const changed = await em.nativeUpdate(Task, { ...expected, taskId }, set);
-      if (changed === 0) return null;
-      const after = toRecord(await em.findOneOrFail(Task, { taskId }));
-      await em.insert(AuditLog, auditRow(taskId, audit(after), now));
+      const after = await updateTaskReturning(em, taskId, expected, set);
+      if (!after) return null;
+      await insertAudit(em, taskId, audit(after), now);
       return after;
     });
   }
@@ -105,7 +92,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
   return {
     async insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
       return deps.fork().transactional(async (em) => {
-        await em.insert(Task, {
+        const record = await insertTaskReturning(em, {
           taskId: task.taskId,
           taskType: task.taskType,
           description: task.description,
@@ -130,8 +117,8 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
           idempotencyKey: task.idempotencyKey,
           requestHash: task.requestHash,
         });
-        await em.insert(AuditLog, auditRow(task.taskId, audit, task.createdAt));
-        return toRecord(await em.findOneOrFail(Task, { taskId: task.taskId }));
+        await insertAudit(em, task.taskId, audit, task.createdAt);
+        return record;
       });
     },
 
