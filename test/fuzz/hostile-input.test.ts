@@ -464,7 +464,9 @@ function randomWsFrame(rng: Rng, held: readonly string[]): WsFrameInput {
       const id = taskId();
       const result = rng.pick<unknown>([{}, randomObject(rng, 3), randomJson(rng, 2), undefined, { big: "r".repeat(rng.pick([100, 1_100_000])) }, JSON.parse(deepJsonText(rng.pick([10, 33, 200]), false)), "done", [1]]);
       const f: Record<string, unknown> = { type: "task_complete", task_id: id, result, attempt: attempt() };
-      const completes = typeof id === "string" && result && typeof result === "object" && !Array.isArray(result) ? { taskId: id, result: canonical(result) } : undefined;
+      // An absent (or null) result is stored as {}: the protocol's default.
+      const stored = result === undefined || result === null ? {} : result;
+      const completes = typeof id === "string" && typeof stored === "object" && !Array.isArray(stored) ? { taskId: id, result: canonical(stored) } : undefined;
       return frame(`task_complete ${show(id, 60)}`, f, { completes });
     }
     case 5:
@@ -953,7 +955,7 @@ describe.each(BACKENDS)("hostile input on $name", ({ name, available }) => {
             if (reply.kind.case === "error") {
               if (!WS_CODES.has(reply.kind.value.code)) problems.push(`error code ${show(reply.kind.value.code)}`);
             } else if (reply.kind.case === "completionAck") {
-              if (msg.kind.case === "taskComplete" && !mutate && msg.kind.value.result && msg.kind.value.taskId === reply.kind.value.taskId) noteAck(reply.kind.value.taskId, canonical(utf8RoundTrip(msg.kind.value.result)));
+              if (msg.kind.case === "taskComplete" && !mutate && msg.kind.value.taskId === reply.kind.value.taskId) noteAck(reply.kind.value.taskId, canonical(utf8RoundTrip(msg.kind.value.result ?? {})));
             } else if (reply.kind.case !== "heartbeatAck" && reply.kind.case !== "registrationAck") problems.push(`unexpected answer ${show(reply.kind.case)}`);
             if (problems.length) findings.push({ protocol: "grpc Session", caseId, input: inputText, observed: problems.join("; ") });
             const probe = await exchange(toBinary(SessionRequestSchema, create(SessionRequestSchema, { kind: { case: "heartbeat", value: {} } })));
