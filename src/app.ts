@@ -158,7 +158,6 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       tasks: persistence.tasks,
       queue,
       events,
-      log,
       clock,
       validate: createTaskValidator(config.limits),
       idempotencyTtlMs: config.idempotencyTtlMs,

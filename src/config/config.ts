@@ -94,12 +94,6 @@ export interface Limits {
   readonly jsonMaxDepth: number;
 }
 
-export const DEFAULT_LIMITS: Limits = Object.freeze({
-  descriptionMaxLength: 2000,
-  metadataMaxBytes: 64 * 1024,
-  resultMaxBytes: 1024 * 1024,
-  jsonMaxDepth: 32,
-});
 
 /** Thrown for invalid configuration; its message names every bad variable. */
 export class ConfigError extends Error {

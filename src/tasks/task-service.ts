@@ -14,7 +14,6 @@ export interface TaskServiceOptions {
   tasks: TaskRepository;
   queue: PriorityQueue;
   events: TaskEvents;
-  log: Logger;
   validate: (input: CreateTaskInput) => ValidCreateTask;
   /** How long an idempotency key returns its original task. */
   idempotencyTtlMs: number;
@@ -79,7 +78,7 @@ export type TaskService = ReturnType<typeof createTaskService>;
  * Task use cases shared by every transport. The database row is written first
  * and is the source of truth; the queue is only an index of runnable work.
  */
-export function createTaskService({ tasks, queue, events, log, validate, idempotencyTtlMs, accepting, clock = () => new Date() }: TaskServiceOptions) {
+export function createTaskService({ tasks, queue, events, validate, idempotencyTtlMs, accepting, clock = () => new Date() }: TaskServiceOptions) {
   async function getOrThrow(taskId: string): Promise<TaskRecord> {
     if (!UUID.test(taskId)) throw notFound("task", taskId);
     const task = await tasks.get(taskId).catch((e: unknown) => Promise.reject(toConnectError(e)));

@@ -1,11 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { createTaskValidator } from "../../src/tasks/task-validation.js";
-import { DEFAULT_LIMITS } from "../../src/config/config.js";
+import { loadConfig } from "../../src/config/config.js";
 import { ValidationError, httpStatusOf, toConnectError, wsCodeOf } from "../../src/errors/errors.js";
 import { createAgentMessageParser } from "../../src/agents/agent-messages.js";
 import { backoffMs } from "../../src/tasks/retry-policy.js";
 
+// The defaults an unconfigured service runs with.
+const DEFAULT_LIMITS = loadConfig({}).limits;
 const LIMITS = DEFAULT_LIMITS;
 const validateCreateTask = createTaskValidator(DEFAULT_LIMITS);
 const parseAgentMessage = createAgentMessageParser(DEFAULT_LIMITS);

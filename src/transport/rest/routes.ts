@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { z } from "zod";
-import { httpStatusOf, toConnectError, unimplemented, ValidationError } from "../../errors/errors.js";
+import { httpStatusOf, toConnectError, ValidationError } from "../../errors/errors.js";
 import { violationsOf } from "../../tasks/task-validation.js";
 import { TASK_STATUSES, TASK_TYPES } from "../../tasks/task-types.js";
 import type { RequestContext } from "../../tasks/task-service.js";
