@@ -124,7 +124,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
 
   const events = deps.events ?? createLocalTaskEvents();
   const latency = new LatencyWindow();
-  const dispatcher = new Dispatcher({ tasks: persistence.tasks, agents: persistence.agents, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
+  const dispatcher = new Dispatcher({ tasks: persistence.tasks, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
   const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
   sweeper.start();
   // Cleared when shutdown begins: new tasks and agents are refused so they

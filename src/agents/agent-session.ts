@@ -288,10 +288,12 @@ export class AgentSession {
     this.send({ type: "error", code: "failed_precondition", message: `result refused: ${why}`, taskId });
   }
 
+  /**
+   * Busy or idle is never written to the agents table: it is derived from the
+   * tasks an agent holds. Writing it raced the disconnect write (and cost two
+   * writes per task on the hot path).
+   */
   private slotFreed(): void {
-    if (this.held.size === 0) {
-      void this.deps.agents.setStatus(this.agentId, "idle", this.deps.clock()).catch((e: unknown) => this.log.warn({ err: e }, "could not mark agent idle"));
-    }
     this.deps.registry.slotFreed();
   }
 

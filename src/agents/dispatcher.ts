@@ -1,13 +1,12 @@
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
-import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
+import type { TaskRepository } from "../tasks/task-repository.js";
 import type { TaskEvents } from "../tasks/task-events.js";
 import type { LatencyWindow } from "../metrics/latency-window.js";
 import type { AgentSession } from "./agent-session.js";
 
 export interface DispatcherOptions {
   tasks: TaskRepository;
-  agents: AgentRepository;
   queue: PriorityQueue;
   events: TaskEvents;
   log: Logger;
@@ -160,10 +159,8 @@ export class Dispatcher {
         return false;
       }
       if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
-      const wasIdle = session.held.size === 0;
       session.deliver(task);
       this.o.events.publish(task);
-      if (wasIdle) void this.o.agents.setStatus(session.agentId, "busy", now).catch(() => undefined);
       return true;
     }
   }
