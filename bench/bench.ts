@@ -341,6 +341,14 @@ function cpuOf(pid: number, stat = readFileSync(`/proc/${pid}/stat`, "utf8")): n
 type Backend = "pg+redis" | "embedded";
 
 /** A fresh service on a fresh database (and Redis prefix), torn down by `stop`. */
+/** The single "code" agent every throughput, latency and deep-queue run measures against. */
+function oneCodeAgent(consumer: Consumer, address: string, maxConcurrency: number): Promise<unknown> {
+  return consumer.request({
+    op: "agents",
+    pool: { address, count: 1, maxConcurrency, capabilities: ["code"], streamsPerChannel: 1, heartbeatMs: 5000 },
+  });
+}
+
 async function freshService(env: Env, backend: Backend, cpuProfDir?: string): Promise<{ svc: Service; stop: () => Promise<void>; db: string | undefined }> {
   const prefix = `aaosbench${RUN_ID}x${Math.random().toString(36).slice(2, 7)}`;
   let databaseUrl: string;
@@ -388,10 +396,7 @@ async function oursThroughput(env: Env, backend: Backend, shape: RunShape, cpuPr
   const producer = new Producer(svc.address);
   try {
     await producer.ready();
-    await consumer.request({
-      op: "agents",
-      pool: { address: svc.address, count: 1, maxConcurrency: shape.concurrency, capabilities: ["code"], streamsPerChannel: 1, heartbeatMs: 5000 },
-    });
+    await oneCodeAgent(consumer, svc.address, shape.concurrency);
     if (shape.warmup > 0) {
       await closedLoop(shape.warmup, shape.inFlight, (i) => producer.create({ taskType: "code", priority: priorityOf(i) }));
       await consumer.request({ op: "await", count: shape.warmup, timeoutMs: 120_000 });
@@ -546,10 +551,7 @@ async function oursLatency(env: Env, shape: RateShape): Promise<RateResult> {
   const producer = new Producer(svc.address);
   try {
     await producer.ready();
-    await consumer.request({
-      op: "agents",
-      pool: { address: svc.address, count: 1, maxConcurrency: shape.concurrency, capabilities: ["code"], streamsPerChannel: 1, heartbeatMs: 5000 },
-    });
+    await oneCodeAgent(consumer, svc.address, shape.concurrency);
     return await rateRun(consumer, shape, (i) => producer.create({ taskType: "code", priority: priorityOf(i) }), () => svc.sample());
   } finally {
     producer.close();
@@ -640,10 +642,7 @@ async function deepQueue(env: Env, cfg: Config): Promise<{ empty: number[]; deep
   const producer = new Producer(svc.address);
   try {
     await producer.ready();
-    await consumer.request({
-      op: "agents",
-      pool: { address: svc.address, count: 1, maxConcurrency: 1, capabilities: ["code"], streamsPerChannel: 1, heartbeatMs: 5000 },
-    });
+    await oneCodeAgent(consumer, svc.address, 1);
     // Warm up the path, then measure on an empty queue.
     await probe(producer, consumer, 100, Number(cfg.probeRate) * 2);
     const empty = await probe(producer, consumer, Number(cfg.probes), Number(cfg.probeRate));

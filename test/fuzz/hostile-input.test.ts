@@ -215,6 +215,27 @@ function takeEnvelopes(buf: Buffer, out: Buffer[]): Buffer {
 const statusOf = (v: unknown) => (v === undefined ? undefined : Number(v));
 
 /** One HTTP/2 connection for raw gRPC calls, re-opened if the server closes it. */
+
+/**
+ * Resolves once `pred` holds (true), the connection is gone or the time is up
+ * (then `pred()` as it stands). Wakes on each pushed waiter, or every 200 ms.
+ */
+async function waitUntil(pred: () => boolean, timeoutMs: number, gone: () => boolean, waiters: Array<() => void>): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (!pred()) {
+    const left = deadline - Date.now();
+    if (left <= 0 || gone()) return pred();
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, Math.min(left, 200));
+      waiters.push(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+  return true;
+}
+
 class H2 {
   private session: http2.ClientHttp2Session | undefined;
   constructor(private readonly url: string) {}
@@ -316,20 +337,7 @@ class H2Stream {
 
   /** Waits until `pred` holds or the stream ends; false on timeout. */
   async until(pred: () => boolean, timeoutMs = REPLY_TIMEOUT_MS): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs;
-    while (!pred()) {
-      if (this.ended) return pred();
-      const left = deadline - Date.now();
-      if (left <= 0) return false;
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 200));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
-    return true;
+    return waitUntil(pred, timeoutMs, () => this.ended, this.waiters);
   }
 
   halfClose(): void {
@@ -550,19 +558,7 @@ class FuzzSocket {
   }
 
   async until(pred: () => boolean, timeoutMs = REPLY_TIMEOUT_MS): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs;
-    while (!pred()) {
-      const left = deadline - Date.now();
-      if (left <= 0 || this.closed) return pred();
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, Math.min(left, 200));
-        this.waiters.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
-    return true;
+    return waitUntil(pred, timeoutMs, () => !!this.closed, this.waiters);
   }
 
   /** Sends and returns the next answer, or a description of why none came. */
