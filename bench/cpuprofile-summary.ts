@@ -16,6 +16,7 @@ interface CallFrame {
 interface ProfileNode {
   id: number;
   callFrame: CallFrame;
+  children?: number[];
 }
 interface CpuProfile {
   nodes: ProfileNode[];
@@ -30,6 +31,8 @@ export interface ProfileSummary {
   idleMs: number;
   functions: Array<{ name: string; where: string; selfMs: number }>;
   areas: Array<{ area: string; selfMs: number }>;
+  /** Native/builtin self time (e.g. socket writes) charged to the nearest JavaScript caller, which says whose syscalls they are. */
+  nativeCallers: Array<{ name: string; caller: string; selfMs: number }>;
 }
 
 /** A short, stable location: `src/x.ts`-relative for ours, `pkg/file` for dependencies. */
@@ -71,6 +74,9 @@ export function summarise(profile: CpuProfile, top = 30): ProfileSummary {
     const id = profile.samples[i]!;
     selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0));
   }
+  const parent = new Map<number, number>();
+  for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
+  const nativeCallers = new Map<string, { name: string; caller: string; us: number }>();
   const fns = new Map<string, { name: string; where: string; us: number }>();
   const areas = new Map<string, number>();
   let total = 0;
@@ -86,6 +92,17 @@ export function summarise(profile: CpuProfile, top = 30): ProfileSummary {
     fns.set(key, f);
     const a = areaOf(cf);
     areas.set(a, (areas.get(a) ?? 0) + us);
+    if (a === "(native / builtins)") {
+      let up = parent.get(id);
+      // Skip Node internals too: the interesting caller is the package or our code behind them.
+      const internal = (u: string) => !u || u.startsWith("node:");
+      while (up !== undefined && internal(byId.get(up)!.callFrame.url)) up = parent.get(up);
+      const caller = up === undefined ? "?" : areaOf(byId.get(up)!.callFrame);
+      const nk = `${cf.functionName}\u0000${caller}`;
+      const n = nativeCallers.get(nk) ?? { name: cf.functionName || "(anonymous)", caller, us: 0 };
+      n.us += us;
+      nativeCallers.set(nk, n);
+    }
   }
   return {
     totalMs: total / 1000,
@@ -97,6 +114,10 @@ export function summarise(profile: CpuProfile, top = 30): ProfileSummary {
     areas: [...areas.entries()]
       .sort((a, b) => b[1] - a[1])
       .map(([area, us]) => ({ area, selfMs: us / 1000 })),
+    nativeCallers: [...nativeCallers.values()]
+      .sort((a, b) => b.us - a.us)
+      .slice(0, 12)
+      .map((n) => ({ name: n.name, caller: n.caller, selfMs: n.us / 1000 })),
   };
 }
 
@@ -107,6 +128,8 @@ export function formatSummary(s: ProfileSummary, topAreas = 20): string {
   lines.push(`profiled ${(s.totalMs / 1000).toFixed(1)} s, of which idle ${(s.idleMs / 1000).toFixed(1)} s; percentages are of non-idle time (${(busy / 1000).toFixed(1)} s)`);
   lines.push("", "self time by area:");
   for (const a of s.areas.filter((x) => x.area !== "(idle)").slice(0, topAreas)) lines.push(`  ${pct(a.selfMs)}  ${a.selfMs.toFixed(0).padStart(7)} ms  ${a.area}`);
+  lines.push("", "native self time by nearest JavaScript caller:");
+  for (const n of s.nativeCallers) lines.push(`  ${pct(n.selfMs)}  ${n.selfMs.toFixed(0).padStart(7)} ms  ${n.name}  ← ${n.caller}`);
   lines.push("", "top functions by self time:");
   for (const f of s.functions.filter((x) => x.name !== "(idle)")) lines.push(`  ${pct(f.selfMs)}  ${f.selfMs.toFixed(0).padStart(7)} ms  ${f.name}  ${f.where}`);
   return lines.join("\n");
