@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { insertAudit, insertTaskReturning, updateTaskReturning, type TaskValues } from "./task-sql.js";
+import { insertTask, updateTask, type AuditSpec, type TaskValues, type TaskWriter } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -67,32 +67,19 @@ function toRecord(row: Task): TaskRecord {
  * who released it) and keeps priority, seq and assigned_at. Terminal
  * transitions (complete, fail, cancel) set completed_at.
  */
-export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
-  /**
-   * Applies `set` to the task only if it still matches `expected`, then writes
-   * the audit row built from the task as it is after the change.
-   */
-  async function transition(
-    taskId: string,
-    expected: TaskValues,
-    set: TaskValues,
-    now: Date,
-    audit: (after: TaskRecord) => AuditEntry,
-  ): Promise<TaskRecord | null> {
-    // One UPDATE … RETURNING is both the compare-and-set and the re-read; the
-    // audit row goes in with it, in the same transaction on the same connection.
-    return deps.fork().transactional(async (em) => {
-      const after = await updateTaskReturning(em, taskId, expected, set);
-      if (!after) return null;
-      await insertAudit(em, taskId, audit(after), now);
-      return after;
-    });
+export function createTaskRepository(deps: TaskWriter): TaskRepository {
+  /** Applies `set` to the task only if it still matches `expected`, with the audit row of the change. */
+  function transition(taskId: string, expected: TaskValues, set: TaskValues, audit: AuditSpec): Promise<TaskRecord | null> {
+    return updateTask(deps, taskId, expected, set, audit);
   }
 
   return {
     async insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
-      return deps.fork().transactional(async (em) => {
-        const record = await insertTaskReturning(em, {
+      const spec: AuditSpec = { action: audit.action, fromStatus: audit.fromStatus, agentId: audit.agentId, correlationId: audit.correlationId };
+      if (audit.details) spec.details = audit.details;
+      return insertTask(
+        deps,
+        {
           taskId: task.taskId,
           taskType: task.taskType,
           description: task.description,
@@ -116,10 +103,9 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
           runAt: null,
           idempotencyKey: task.idempotencyKey,
           requestHash: task.requestHash,
-        });
-        await insertAudit(em, task.taskId, audit, task.createdAt);
-        return record;
-      });
+        },
+        spec,
+      );
     },
 
     async deleteUnqueued(taskId: string): Promise<void> {
@@ -161,15 +147,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         taskId,
         { status: "pending" },
         { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
-        now,
-        (after) => ({
-          action: "task.assigned",
-          fromStatus: "pending",
-          toStatus: "assigned",
-          agentId,
-          correlationId: correlationId ?? after.correlationId,
-          details: { attempt: after.attempt },
-        }),
+        { action: "task.assigned", fromStatus: "pending", agentId, correlationId, withAttempt: true },
       );
     },
 
@@ -178,15 +156,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         taskId,
         { status: "assigned", agentId, attempt },
         { status: "completed", resultJson: JSON.stringify(result), completedAt: now, updatedAt: now, leaseExpiresAt: null },
-        now,
-        (after) => ({
-          action: "task.completed",
-          fromStatus: "assigned",
-          toStatus: "completed",
-          agentId,
-          correlationId: after.correlationId,
-          details: { attempt },
-        }),
+        { action: "task.completed", fromStatus: "assigned", agentId, correlationId: null, withAttempt: true },
       );
     },
 
@@ -195,15 +165,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         taskId,
         { status: "assigned", agentId, attempt },
         { status: "failed", error, completedAt: now, updatedAt: now, leaseExpiresAt: null, failedAttempts: raw("failed_attempts + 1") },
-        now,
-        (after) => ({
-          action: "task.failed",
-          fromStatus: "assigned",
-          toStatus: "failed",
-          agentId,
-          correlationId: after.correlationId,
-          details: { attempt, error },
-        }),
+        { action: "task.failed", fromStatus: "assigned", agentId, correlationId: null, details: { error }, withAttempt: true },
       );
     },
 
@@ -212,15 +174,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         taskId,
         { status: "assigned", agentId, attempt },
         { status: "pending", agentId: null, updatedAt: now, leaseExpiresAt: null },
-        now,
-        (after) => ({
-          action: "task.requeued",
-          fromStatus: "assigned",
-          toStatus: "pending",
-          agentId,
-          correlationId: after.correlationId,
-          details: { attempt, reason },
-        }),
+        { action: "task.requeued", fromStatus: "assigned", agentId, correlationId: null, details: { reason }, withAttempt: true },
       );
     },
 
@@ -236,14 +190,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
           taskId,
           { status: from, agentId: holder },
           { status: "cancelled", completedAt: now, updatedAt: now, leaseExpiresAt: null, runAt: null },
-          now,
-          (task) => ({
-            action: "task.cancelled",
-            fromStatus: from,
-            toStatus: "cancelled",
-            agentId: holder,
-            correlationId: correlationId ?? task.correlationId,
-          }),
+          { action: "task.cancelled", fromStatus: from, agentId: holder, correlationId },
         );
         if (after) return after;
       }
@@ -271,15 +218,14 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         exhausted
           ? { status: "failed", error, failedAttempts, completedAt: now, updatedAt: now, leaseExpiresAt: null }
           : { status: "pending", error, failedAttempts, agentId: null, runAt: retryAt, updatedAt: now, leaseExpiresAt: null },
-        now,
-        (after) => ({
+        {
           action: exhausted ? "task.failed" : "task.retry_scheduled",
           fromStatus: "assigned",
-          toStatus: after.status,
           agentId,
-          correlationId: after.correlationId,
-          details: { attempt, error, failed_attempts: failedAttempts, ...(exhausted ? {} : { retry_at: retryAt.toISOString() }) },
-        }),
+          correlationId: null,
+          details: { error, failed_attempts: failedAttempts, ...(exhausted ? {} : { retry_at: retryAt.toISOString() }) },
+          withAttempt: true,
+        },
       );
     },
 
@@ -288,14 +234,7 @@ export function createTaskRepository(deps: RepositoryDeps): TaskRepository {
         taskId,
         { status: "failed" },
         { status: "pending", failedAttempts: 0, agentId: null, runAt: null, completedAt: null, updatedAt: now },
-        now,
-        (after) => ({
-          action: "task.retried",
-          fromStatus: "failed",
-          toStatus: "pending",
-          agentId: null,
-          correlationId: correlationId ?? after.correlationId,
-        }),
+        { action: "task.retried", fromStatus: "failed", agentId: null, correlationId },
       );
     },
 

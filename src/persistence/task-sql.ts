@@ -1,7 +1,6 @@
 import { isRaw } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/sql";
-import type { AuditEntry } from "../tasks/task-repository.js";
-import { isTaskStatus, isTaskType, type JsonObject, type TaskRecord } from "../tasks/task-types.js";
+import { isTaskStatus, isTaskType, type JsonObject, type TaskRecord, type TaskStatus } from "../tasks/task-types.js";
 import { uuidv7 } from "../ids.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
@@ -59,6 +58,15 @@ const AUDIT_COLUMNS = [
 
 /** A raw row as the driver returns it: snake_case columns, dialect-specific values. */
 export type TaskRow = Record<string, unknown>;
+
+/**
+ * How task writes reach the database: on SQLite through the ORM, on
+ * PostgreSQL as single statements through the group-commit batcher
+ * (`batch` takes SQL with `?` placeholders and its params).
+ */
+export type TaskWriter =
+  | { dialect: "sqlite"; fork(): EntityManager }
+  | { dialect: "postgresql"; fork(): EntityManager; batch(sql: string, params: unknown[]): Promise<TaskRow[]> };
 
 function parseObject(text: unknown): JsonObject | null {
   if (text == null || text === "") return null;
@@ -126,9 +134,26 @@ export function rowToRecord(row: TaskRow): TaskRecord {
   };
 }
 
+/**
+ * What the audit row of a change says. The task as it is after the change
+ * fills in the rest: its id, its new status, its correlation id when none is
+ * given, its attempt when `withAttempt` is set, and its updated_at as the time.
+ */
+export interface AuditSpec {
+  action: string;
+  fromStatus: TaskStatus | null;
+  agentId: string | null;
+  /** null: the task's own correlation id. */
+  correlationId: string | null;
+  details?: JsonObject;
+  /** Adds `attempt` (the task's, after the change) to details. */
+  withAttempt?: boolean;
+}
+
 interface Tables {
   tasks: string;
   quote(column: string): string;
+  auditLogs: string;
   insertAuditSql: string;
 }
 
@@ -151,6 +176,7 @@ function tables(em: EntityManager): Tables {
     found = {
       tasks: qualify(metadata.find(Task)!),
       quote,
+      auditLogs,
       insertAuditSql: `insert into ${auditLogs} (${AUDIT_COLUMNS.map((c) => quote(c)).join(", ")}) values (${AUDIT_COLUMNS.map(() => "?").join(", ")})`,
     };
     cachedTables.set(platform, found);
@@ -168,17 +194,75 @@ function valueSql(value: unknown, params: unknown[]): string {
   return "?";
 }
 
+/** The audit row for `spec` as JSON-ready values, completed from the task after the change. */
+function auditValues(spec: AuditSpec, after: TaskRecord): unknown[] {
+  const details = spec.withAttempt ? { attempt: after.attempt, ...spec.details } : spec.details;
+  return [
+    uuidv7(),
+    after.taskId,
+    spec.agentId,
+    spec.action,
+    spec.fromStatus,
+    after.status,
+    spec.correlationId ?? after.correlationId,
+    details === undefined ? null : JSON.stringify(details),
+    after.updatedAt,
+  ];
+}
+
 /**
- * `UPDATE tasks SET … WHERE task_id = ? AND <expected> RETURNING *`: the
- * compare-and-set and the re-read in one statement. A null in `expected`
- * means IS NULL. Returns the changed row, or null when nothing matched.
+ * Runs `statement` (an INSERT or UPDATE on tasks ending in `returning *`)
+ * and writes the audit row of the change with it, atomically. On PostgreSQL
+ * that is ONE statement: the audit INSERT reads the changed row from a
+ * data-modifying CTE, so a change costs one round trip and one commit instead
+ * of four round trips (BEGIN, UPDATE, INSERT, COMMIT); socket writes to the
+ * database were the largest single cost in the service's CPU profile.
+ * SQLite has no DML in CTEs, so there it is a short transaction.
  */
-export async function updateTaskReturning(
+async function withAudit(
+  db: TaskWriter,
   em: EntityManager,
+  statement: string,
+  params: unknown[],
+  audit: AuditSpec,
+): Promise<TaskRecord | null> {
+  const t = tables(em);
+  if (db.dialect === "postgresql") {
+    const q = t.quote;
+    const details = audit.withAttempt
+      ? `cast(cast(? as jsonb) || jsonb_build_object('attempt', t.${q("attempt")}) as text)`
+      : "?";
+    const sql =
+      `with t as (${statement}), a as (insert into ${t.auditLogs} (${AUDIT_COLUMNS.map((c) => q(c)).join(", ")}) ` +
+      `select ?, t.${q("task_id")}, ?, ?, ?, t.${q("status")}, coalesce(?, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} from t) ` +
+      "select * from t";
+    const detailsParam = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
+    const rows = await db.batch(sql, [...params, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, detailsParam]);
+    return rows[0] ? rowToRecord(rows[0]) : null;
+  }
+  return em.transactional(async (tx) => {
+    const rows = await tx.execute<TaskRow[]>(statement, params, "all");
+    if (!rows[0]) return null;
+    const after = rowToRecord(rows[0]);
+    await tx.execute(t.insertAuditSql, auditValues(audit, after), "run");
+    return after;
+  });
+}
+
+/**
+ * `UPDATE tasks SET … WHERE task_id = ? AND <expected> RETURNING *` with its
+ * audit row: the compare-and-set, the re-read and the audit in one go. A null
+ * in `expected` means IS NULL. Returns the changed task, or null when nothing
+ * matched (and then nothing is written).
+ */
+export async function updateTask(
+  db: TaskWriter,
   taskId: string,
   expected: TaskValues,
   set: TaskValues,
+  audit: AuditSpec,
 ): Promise<TaskRecord | null> {
+  const em = db.fork();
   const t = tables(em);
   const params: unknown[] = [];
   const assignments: string[] = [];
@@ -198,13 +282,12 @@ export async function updateTaskReturning(
     }
   }
   const sql = `update ${t.tasks} set ${assignments.join(", ")} where ${conditions.join(" and ")} returning *`;
-  const rows = await em.execute<TaskRow[]>(sql, params, "all");
-  const row = rows[0];
-  return row ? rowToRecord(row) : null;
+  return withAudit(db, em, sql, params, audit);
 }
 
-/** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given. */
-export async function insertTaskReturning(em: EntityManager, values: Record<TaskProperty, unknown>): Promise<TaskRecord> {
+/** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
+export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audit: AuditSpec): Promise<TaskRecord> {
+  const em = db.fork();
   const t = tables(em);
   const columns: string[] = [];
   const placeholders: string[] = [];
@@ -214,27 +297,7 @@ export async function insertTaskReturning(em: EntityManager, values: Record<Task
     placeholders.push(valueSql(value === undefined ? null : value, params));
   }
   const sql = `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`;
-  const rows = await em.execute<TaskRow[]>(sql, params, "all");
-  const row = rows[0];
-  if (!row) throw new Error("insert into tasks returned no row");
-  return rowToRecord(row);
-}
-
-/** One plain INSERT of the audit row for a task state change. */
-export async function insertAudit(em: EntityManager, taskId: string, entry: AuditEntry, at: Date): Promise<void> {
-  await em.execute(
-    tables(em).insertAuditSql,
-    [
-      uuidv7(),
-      taskId,
-      entry.agentId ?? null,
-      entry.action,
-      entry.fromStatus ?? null,
-      entry.toStatus ?? null,
-      entry.correlationId ?? null,
-      entry.details === undefined ? null : JSON.stringify(entry.details),
-      at,
-    ],
-    "run",
-  );
+  const record = await withAudit(db, em, sql, params, audit);
+  if (!record) throw new Error("insert into tasks returned no row");
+  return record;
 }
