@@ -5,6 +5,9 @@ import type { TaskEvents } from "../tasks/task-events.js";
 import type { LatencyWindow } from "../metrics/latency-window.js";
 import type { AgentSession } from "./agent-session.js";
 
+/** Most tasks one session claims per round: bounds a queue call and a batch of lease writes. */
+const MAX_CLAIM = 64;
+
 export interface DispatcherOptions {
   tasks: TaskRepository;
   queue: PriorityQueue;
@@ -108,11 +111,15 @@ export class Dispatcher {
   }
 
   /**
-   * Round-robin over sessions with free slots, one task each per round, until
-   * a round hands out nothing: keeps agents evenly loaded. A claim that finds
-   * nothing for a set of task types answers for every session whose
-   * capabilities fall within it, so a pass costs one claim per distinct
-   * capability set rather than one per idle session.
+   * Round-robin over sessions with free slots until a round hands out
+   * nothing. Each round a session claims its share of its free slots in one
+   * queue call, and the leases of that batch are written together (one
+   * group-committed database round trip), so an agent with many slots fills
+   * in one step instead of one task per round trip. The share (free slots
+   * divided by the sessions still hungry) keeps a burst spread over agents.
+   * A claim that finds nothing for a set of task types answers for every
+   * session whose capabilities fall within it, so a pass costs one claim per
+   * distinct capability set rather than one per idle session.
    */
   private async pass(): Promise<void> {
     const sessions = [...this.sessions.values()];
@@ -125,44 +132,52 @@ export class Dispatcher {
       const stillHungry: AgentSession[] = [];
       for (const session of candidates) {
         if (session.freeSlots <= 0 || hasNoWork(session)) continue;
-        if (await this.assignOne(session)) {
-          if (session.freeSlots > 0) stillHungry.push(session);
-        } else {
-          exhausted.push(new Set(session.capabilities));
-        }
+        const want = Math.min(MAX_CLAIM, Math.max(1, Math.floor(session.freeSlots / candidates.length)));
+        const { claimed, dry } = await this.assignSome(session, want);
+        if (dry) exhausted.push(new Set(session.capabilities));
+        else if (claimed > 0 && session.freeSlots > 0) stillHungry.push(session);
       }
       candidates = stillHungry;
     }
   }
 
-  /** Claims the best task this session can take and leases it. */
-  private async assignOne(session: AgentSession): Promise<boolean> {
-    for (;;) {
-      const entry = await this.o.queue.claim(session.capabilities);
-      if (!entry) return false;
-      const now = this.o.clock();
-      let task;
-      try {
-        task = await this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, new Date(now.getTime() + this.o.leaseTtlMs));
-      } catch (e: unknown) {
+  /**
+   * Claims up to `want` of the best tasks this session can take, leases them
+   * all at once and delivers them in queue order. `dry` means the queue had
+   * fewer than asked for these types.
+   */
+  private async assignSome(session: AgentSession, want: number): Promise<{ claimed: number; dry: boolean }> {
+    const entries = await this.o.queue.claimBatch(session.capabilities, want);
+    const now = this.o.clock();
+    const leaseExpiresAt = new Date(now.getTime() + this.o.leaseTtlMs);
+    const outcomes = await Promise.allSettled(
+      entries.map((entry) => this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, leaseExpiresAt)),
+    );
+    let failure: unknown;
+    for (const [i, outcome] of outcomes.entries()) {
+      const entry = entries[i]!;
+      if (outcome.status === "rejected") {
         // Put the entry back before giving up the pass, or it would be lost
         // from the index until the next rebuild.
+        failure ??= outcome.reason;
         await this.o.queue.enqueue(entry).catch(() => undefined);
-        throw e;
+        continue;
       }
-      // Not PENDING any more (cancelled, or a stale entry): drop it and try the next.
+      const task = outcome.value;
+      // Not PENDING any more (cancelled, or a stale entry): drop it.
       if (!task) continue;
       if (session.freeSlots <= 0) {
-        // The session closed while we were assigning: give the lease straight back.
+        // The session closed (or filled) while we were assigning: give the lease straight back.
         const back = await this.o.tasks.release(task.taskId, session.agentId, task.attempt, "agent went away during assignment", now);
         if (back) await this.o.queue.enqueue(entry);
-        return false;
+        continue;
       }
       if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
       session.deliver(task);
       this.o.events.publish(task);
-      return true;
     }
+    if (failure !== undefined) throw failure;
+    return { claimed: entries.length, dry: entries.length < want };
   }
 
   /** Stops dispatching; sessions are closed by their transports. Safe twice. */

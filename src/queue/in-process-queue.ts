@@ -204,6 +204,21 @@ export function createInProcessQueue(options: InProcessQueueOptions = {}): Prior
     }
   }
 
+  /** Removes and returns the best live entry among `types`, or null. */
+  function claimBest(types: readonly TaskType[]): QueueEntry | null {
+    let best: QueueEntry | undefined;
+    for (const type of new Set(types)) {
+      const top = peekLive(type);
+      if (top !== undefined && (best === undefined || compareEntries(top, best) < 0)) best = top;
+    }
+    if (best === undefined) return null;
+    // `best` is the live top of its heap (peekLive just checked), so pop removes exactly it.
+    heaps.get(best.taskType)!.heap.pop();
+    live.delete(best.taskId);
+    count(best.priority, -1);
+    return { ...best };
+  }
+
   return {
     async allocateSeq() {
       assertOpen();
@@ -219,17 +234,18 @@ export function createInProcessQueue(options: InProcessQueueOptions = {}): Prior
 
     async claim(types) {
       assertOpen();
-      let best: QueueEntry | undefined;
-      for (const type of new Set(types)) {
-        const top = peekLive(type);
-        if (top !== undefined && (best === undefined || compareEntries(top, best) < 0)) best = top;
+      return claimBest(types);
+    },
+
+    async claimBatch(types, max) {
+      assertOpen();
+      const out: QueueEntry[] = [];
+      while (out.length < max) {
+        const entry = claimBest(types);
+        if (entry === null) break;
+        out.push(entry);
       }
-      if (best === undefined) return null;
-      // `best` is the live top of its heap (peekLive just checked), so pop removes exactly it.
-      heaps.get(best.taskType)!.heap.pop();
-      live.delete(best.taskId);
-      count(best.priority, -1);
-      return { ...best };
+      return out;
     },
 
     async remove(taskId, taskType) {

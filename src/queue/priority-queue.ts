@@ -39,6 +39,11 @@ export interface PriorityQueue {
    * the given types, so two consumers never receive the same entry.
    */
   claim(types: readonly TaskType[]): Promise<QueueEntry | null>;
+  /**
+   * Up to `max` entries at once, in the order `claim` would have returned
+   * them one by one: one round trip for a batch of free slots.
+   */
+  claimBatch(types: readonly TaskType[], max: number): Promise<QueueEntry[]>;
   /** Removes a task (e.g. cancelled while pending). Returns whether it was queued. */
   remove(taskId: string, taskType: TaskType): Promise<boolean>;
   depth(): Promise<QueueDepth>;

@@ -59,24 +59,36 @@ return 0
 `;
 
 /**
- * KEYS: one key per requested type. Looks at each key's first element and
- * removes the lowest score over all of them, all in one atomic step.
- * Returns {key index (1-based), member, score string} or nil.
+ * KEYS: the type keys; ARGV[1]: how many. Merges the heads of the type
+ * queues, removing up to that many best entries in order. Returns flat
+ * triples (key index, member, score).
  */
-const CLAIM_LUA = `
-local bestIndex, bestMember, bestScoreText, bestScore
+const CLAIM_BATCH_LUA = `
+local max = tonumber(ARGV[1])
+local heads, pos = {}, {}
 for i = 1, #KEYS do
-  local top = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if top[1] then
-    local score = tonumber(top[2])
-    if bestScore == nil or score < bestScore then
-      bestIndex, bestMember, bestScoreText, bestScore = i, top[1], top[2], score
+  heads[i] = redis.call('ZRANGE', KEYS[i], 0, max - 1, 'WITHSCORES')
+  pos[i] = 1
+end
+local out = {}
+for n = 1, max do
+  local best, bestScore
+  for i = 1, #KEYS do
+    local h = heads[i]
+    if h[pos[i]] then
+      local score = tonumber(h[pos[i] + 1])
+      if bestScore == nil or score < bestScore then best, bestScore = i, score end
     end
   end
+  if best == nil then break end
+  local p = pos[best]
+  redis.call('ZREM', KEYS[best], heads[best][p])
+  out[#out + 1] = best
+  out[#out + 1] = heads[best][p]
+  out[#out + 1] = heads[best][p + 1]
+  pos[best] = p + 2
 end
-if bestIndex == nil then return false end
-redis.call('ZREM', KEYS[bestIndex], bestMember)
-return {bestIndex, bestMember, bestScoreText}
+return out
 `;
 
 /**
@@ -136,7 +148,7 @@ type ScriptArg = string | number;
 /** The commands `defineCommand` adds; ioredis cannot type them itself. */
 interface QueueScripts {
   aaosEnqueue(numKeys: number, ...args: ScriptArg[]): Promise<number>;
-  aaosClaim(numKeys: number, ...args: ScriptArg[]): Promise<[number, string, string] | null>;
+  aaosClaimBatch(numKeys: number, ...args: ScriptArg[]): Promise<Array<number | string>>;
   aaosReconcile(numKeys: number, ...args: ScriptArg[]): Promise<number>;
   aaosDepth(numKeys: number, ...args: ScriptArg[]): Promise<number[]>;
   aaosAllocate(numKeys: number, ...args: ScriptArg[]): Promise<number>;
@@ -205,7 +217,7 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
   client.once("ready", endStartup);
   client.once("close", endStartup);
   client.defineCommand("aaosEnqueue", { lua: ENQUEUE_LUA });
-  client.defineCommand("aaosClaim", { lua: CLAIM_LUA });
+  client.defineCommand("aaosClaimBatch", { lua: CLAIM_BATCH_LUA });
   client.defineCommand("aaosReconcile", { lua: RECONCILE_LUA });
   client.defineCommand("aaosDepth", { lua: DEPTH_LUA });
   client.defineCommand("aaosAllocate", { lua: ALLOCATE_LUA });
@@ -249,6 +261,17 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     });
   }
 
+  async function claimBatch(types: readonly TaskType[], max: number): Promise<QueueEntry[]> {
+    const wanted = [...new Set(types)];
+    if (wanted.length === 0 || max < 1) return [];
+    const reply = await client.aaosClaimBatch(wanted.length, ...wanted.map(typeKey), String(Math.floor(max)));
+    const out: QueueEntry[] = [];
+    for (let i = 0; i + 2 < reply.length; i += 3) {
+      out.push({ taskId: String(reply[i + 1]), taskType: wanted[Number(reply[i]) - 1]!, ...decodeScore(String(reply[i + 2])) });
+    }
+    return out;
+  }
+
   return {
     async allocateSeq() {
       let seq: number;
@@ -276,13 +299,10 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     },
 
     async claim(types) {
-      const wanted = [...new Set(types)];
-      if (wanted.length === 0) return null;
-      const reply = await client.aaosClaim(wanted.length, ...wanted.map(typeKey));
-      if (reply === null) return null;
-      const [index, taskId, score] = reply;
-      return { taskId, taskType: wanted[index - 1]!, ...decodeScore(score) };
+      return (await claimBatch(types, 1))[0] ?? null;
     },
+
+    claimBatch,
 
     async remove(taskId, taskType) {
       return (await client.zrem(typeKey(taskType), taskId)) === 1;
