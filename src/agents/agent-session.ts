@@ -44,8 +44,8 @@ export interface SessionDeps {
 }
 
 /**
- * One connected agent, whatever its transport. Messages are handled one at a
- * time in arrival order. Every task it holds is a lease for one attempt; when
+ * One connected agent, whatever its transport. Messages are handled in
+ * arrival order, except results, which are recorded concurrently. Every task it holds is a lease for one attempt; when
  * the session closes for any reason, its leases are given up and the tasks go
  * back to the queue at their original priority and place.
  */
@@ -83,14 +83,48 @@ export class AgentSession {
     return this.state === "active" ? this.maxConcurrency - this.held.size : 0;
   }
 
-  /** Accepts a raw decoded message (already shaped like {@link AgentMessage}); queued behind earlier ones. */
+  /**
+   * Accepts a raw decoded message (already shaped like {@link AgentMessage}).
+   * Results (task_complete / task_failed) of an active session are handled
+   * concurrently, up to max_concurrency at a time: each waits for its own
+   * database commit, and handling them one by one capped a many-slot agent
+   * at one commit round trip per task. Everything else is handled in arrival
+   * order. The promise settles when the message has been taken on, so a
+   * transport that awaits it reads no faster than results are recorded.
+   */
   receive(input: unknown): Promise<void> {
-    this.chain = this.chain.then(() => this.handle(input)).catch((e: unknown) => {
-      const err = toConnectError(e);
-      this.log.error({ err: e, agent_id: this.agentId }, "agent message failed");
-      this.send({ type: "error", code: wsCodeOf(err.code), message: err.rawMessage });
-    });
+    const parsed = this.parse(input);
+    if (parsed.ok && this.state === "active" && (parsed.message.type === "task_complete" || parsed.message.type === "task_failed")) {
+      return this.startResult(parsed.message);
+    }
+    this.chain = this.chain.then(() => this.handle(parsed)).catch((e: unknown) => this.reportFailure(e));
     return this.chain;
+  }
+
+  private readonly results = new Set<Promise<void>>();
+
+  private parse(input: unknown): ReturnType<AgentMessageParser> {
+    try {
+      return this.deps.parse(input);
+    } catch (e: unknown) {
+      // A parser bug must cost this message, never the transport's read loop.
+      this.log.error({ err: e }, "agent message parser failed");
+      return { ok: false, reason: "malformed message" };
+    }
+  }
+
+  private async startResult(message: Extract<AgentMessage, { type: "task_complete" | "task_failed" }>): Promise<void> {
+    while (this.results.size >= Math.max(1, this.maxConcurrency)) await Promise.race(this.results);
+    const handled: Promise<void> = this.handle({ ok: true, message })
+      .catch((e: unknown) => this.reportFailure(e))
+      .finally(() => this.results.delete(handled));
+    this.results.add(handled);
+  }
+
+  private reportFailure(e: unknown): void {
+    const err = toConnectError(e);
+    this.log.error({ err: e, agent_id: this.agentId }, "agent message failed");
+    this.send({ type: "error", code: wsCodeOf(err.code), message: err.rawMessage });
   }
 
   /** Refuses a frame the transport could not decode at all. */
@@ -98,8 +132,7 @@ export class AgentSession {
     this.send({ type: "error", code: "invalid_argument", message: reason });
   }
 
-  private async handle(input: unknown): Promise<void> {
-    const parsed = this.deps.parse(input);
+  private async handle(parsed: ReturnType<AgentMessageParser>): Promise<void> {
     if (!parsed.ok) {
       this.reject(parsed.reason);
       return;
@@ -318,6 +351,8 @@ export class AgentSession {
     this.outlet.end(reason);
     this.chain = this.chain.then(async () => {
       if (!wasActive) return;
+      // Results already on their way to the database decide their tasks first.
+      await Promise.allSettled([...this.results]);
       const now = this.deps.clock();
       for (const task of this.held.values()) {
         if (reason === SERVER_SHUTDOWN) await this.handBack(task, now);
