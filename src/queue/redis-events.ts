@@ -4,19 +4,33 @@ import { TaskListeners, type TaskEvents } from "../tasks/task-events.js";
 import { isTaskStatus, type TaskRecord } from "../tasks/task-types.js";
 import type { QueueLog } from "./in-process-queue.js";
 
+/** One change on the wire: origin instance, task id, status, agent, attempt, updated_at (epoch ms). */
+interface WireChange {
+  o: string;
+  i: string;
+  s: string;
+  a: string | null;
+  n: number;
+  u: number;
+}
+
 /**
  * Task changes fanned out to every instance through Redis pub/sub on
  * `{prefix}:events` (same hash tag as the queue). Local listeners hear local
  * changes at once; other instances' changes arrive through the subscription.
  * Publishing never waits: a change that cannot be announced (Redis down) is
- * still committed, and remote watchers catch up on their next event.
+ * still committed, and remote watchers catch up on their next event. The
+ * changes of one turn of the event loop go out as one message,
+ * `<origin>|<JSON array>`; a bare JSON object (one change, as earlier
+ * versions sent) is still understood.
  */
 export function createRedisTaskEvents(options: { url: string; prefix?: string; log?: QueueLog }): TaskEvents {
   const channel = `{${options.prefix ?? "aaos"}}:events`;
   const origin = randomUUID();
+  const ownPrefix = `${origin}|`;
   const listeners = new TaskListeners();
   const common = { maxRetriesPerRequest: 0, enableOfflineQueue: false, retryStrategy: (n: number) => Math.min(100 * 2 ** Math.min(n, 5), 2000) };
-  const pub = new Redis(options.url, { ...common, lazyConnect: false });
+  const pub = new Redis(options.url, { ...common, lazyConnect: false, enableAutoPipelining: true });
   // The subscriber waits for Redis as long as it takes and re-subscribes after every reconnect.
   const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: true, retryStrategy: common.retryStrategy });
   let warnedAt = 0;
@@ -29,21 +43,33 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   sub.on("error", (e) => warn(e, "task event subscriber: redis error"));
   sub.subscribe(channel).catch((e: unknown) => warn(e, "task event subscriber could not subscribe"));
   sub.on("message", (_channel: string, message: string) => {
+    // Our own batches come back too; the origin prefix skips them unparsed.
+    if (message.startsWith(ownPrefix)) return;
     try {
-      const m = JSON.parse(message) as { o: string; i: string; s: string; a: string | null; n: number; u: number };
-      if (m.o === origin || !isTaskStatus(m.s)) return;
-      listeners.deliver({ taskId: m.i, status: m.s, agentId: m.a, attempt: m.n, updatedAt: new Date(m.u) });
+      const body: unknown = JSON.parse(message.startsWith("{") ? message : message.slice(message.indexOf("|") + 1));
+      for (const m of (Array.isArray(body) ? body : [body]) as WireChange[]) {
+        if (m.o === origin || !isTaskStatus(m.s)) continue;
+        listeners.deliver({ taskId: m.i, status: m.s, agentId: m.a, attempt: m.n, updatedAt: new Date(m.u) });
+      }
     } catch (e: unknown) {
       warn(e, "ignored a malformed task event");
     }
   });
+  /** Changes made in this turn of the event loop, announced together in one PUBLISH. */
+  let outgoing: WireChange[] = [];
+  const flush = () => {
+    const batch = outgoing;
+    outgoing = [];
+    if (closing || pub.status !== "ready") return;
+    pub.publish(channel, ownPrefix + JSON.stringify(batch)).catch((e: unknown) => warn(e, "could not announce task changes"));
+  };
   let closing: Promise<void> | undefined;
   return {
     publish(change: TaskRecord) {
       listeners.deliver({ ...change, task: change });
       if (closing || pub.status !== "ready") return;
-      const m = { o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime() };
-      pub.publish(channel, JSON.stringify(m)).catch((e: unknown) => warn(e, "could not announce a task change"));
+      if (outgoing.length === 0) setImmediate(flush);
+      outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime() });
     },
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),
