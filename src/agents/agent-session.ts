@@ -101,7 +101,10 @@ export class AgentSession {
     return this.chain;
   }
 
+  /** Results received and not yet recorded, admitted or waiting for a place. */
   private readonly results = new Set<Promise<void>>();
+  private recording = 0;
+  private readonly waitingForPlace: Array<() => void> = [];
 
   private parse(input: unknown): ReturnType<AgentMessageParser> {
     try {
@@ -113,12 +116,36 @@ export class AgentSession {
     }
   }
 
-  private async startResult(message: Extract<AgentMessage, { type: "task_complete" | "task_failed" }>): Promise<void> {
-    while (this.results.size >= Math.max(1, this.maxConcurrency)) await Promise.race(this.results);
-    const handled: Promise<void> = this.handle({ ok: true, message })
+  /**
+   * A result received while the session was active is recorded even if the
+   * session closes meanwhile: the agent sent it before going away, and close
+   * waits for it before giving up the leases still held.
+   */
+  private startResult(message: Extract<AgentMessage, { type: "task_complete" | "task_failed" }>): Promise<void> {
+    this.lastSeen = this.deps.clock();
+    this.heartbeatTimer?.refresh();
+    let admitted: Promise<void>;
+    if (this.recording < Math.max(1, this.maxConcurrency)) {
+      this.recording++;
+      admitted = Promise.resolve();
+    } else {
+      admitted = new Promise<void>((resolve) =>
+        this.waitingForPlace.push(() => {
+          this.recording++;
+          resolve();
+        }),
+      );
+    }
+    const recorded: Promise<void> = admitted
+      .then(() => (message.type === "task_complete" ? this.complete(message) : this.fail(message)))
       .catch((e: unknown) => this.reportFailure(e))
-      .finally(() => this.results.delete(handled));
-    this.results.add(handled);
+      .finally(() => {
+        this.recording--;
+        this.results.delete(recorded);
+        this.waitingForPlace.shift()?.();
+      });
+    this.results.add(recorded);
+    return admitted;
   }
 
   private reportFailure(e: unknown): void {

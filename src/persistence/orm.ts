@@ -12,7 +12,8 @@ import { Migration20260101000000Initial as SqliteInitial } from "./migrations/sq
 import { Migration20261124000000Leases as PostgresLeases } from "./migrations/postgresql/Migration20261124000000Leases.js";
 import { Migration20261124000000Leases as SqliteLeases } from "./migrations/sqlite/Migration20261124000000Leases.js";
 import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
-import { createStatementBatcher, type StatementBatcher } from "./statement-batcher.js";
+import { createGroupCommit } from "./group-commit.js";
+import { createStatementBatcher } from "./statement-batcher.js";
 import { createTaskRepository } from "./task-repository.js";
 import type { TaskWriter } from "./task-sql.js";
 
@@ -28,9 +29,10 @@ const CONNECT_TIMEOUT_MS = 5_000;
 export type Dialect = "sqlite" | "postgresql";
 
 /**
- * Group commit (PostgreSQL): the most task writes sent as one query, and the
- * most such queries in flight. Two in flight keep the database busy while the
- * next batch gathers; more would split batches without adding throughput.
+ * Group commit: the most task writes committed together, and (PostgreSQL)
+ * the most such batches in flight. Two in flight keep the database busy
+ * while the next batch gathers; more would split batches without adding
+ * throughput.
  */
 const BATCH_MAX_STATEMENTS = 256;
 const BATCH_MAX_IN_FLIGHT = 2;
@@ -182,23 +184,39 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
   }
 
   const fork = () => orm.em.fork() as EntityManager;
-  let batcher: StatementBatcher | undefined;
+  let writes: { drain(): Promise<void> };
   let writer: TaskWriter;
   if (target.dialect === "postgresql") {
     const pool = await (orm.em.getConnection() as PostgreSqlConnection).getNativeClient();
     const platform = orm.em.getPlatform();
     const driver = orm.em.getDriver();
-    const b = createStatementBatcher({
+    const batcher = createStatementBatcher({
       pool,
       maxBatch: BATCH_MAX_STATEMENTS,
       maxInFlight: BATCH_MAX_IN_FLIGHT,
       convertError: (e) => driver.convertException(e),
     });
-    batcher = b;
+    writes = batcher;
     // The ORM sends every query with its values inlined by this same formatter; so do we.
-    writer = { dialect: "postgresql", fork, batch: (sql, params) => b.run(platform.formatQuery(sql, params)) };
+    writer = { dialect: "postgresql", fork, batch: (sql, params) => batcher.run(platform.formatQuery(sql, params)) };
   } else {
-    writer = { dialect: "sqlite", fork };
+    type Work = (em: EntityManager) => Promise<unknown>;
+    // SQLite has one writer: one transaction at a time, each sharing its fsync among the units in it.
+    const group = createGroupCommit<Work, unknown>({
+      maxBatch: BATCH_MAX_STATEMENTS,
+      maxInFlight: 1,
+      runBatch: (works) =>
+        fork().transactional(async (tx) => {
+          const results: unknown[] = [];
+          for (const work of works) results.push(await work(tx));
+          return results;
+        }),
+      runOne: (work) => fork().transactional(work),
+      // In-process: a failed transaction is known to have rolled back.
+      retryAlone: () => true,
+    });
+    writes = group;
+    writer = { dialect: "sqlite", fork, transact: <T>(work: (em: EntityManager) => Promise<T>) => group.run(work) as Promise<T> };
   }
   let closed: Promise<void> | undefined;
   return {
@@ -214,7 +232,7 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     },
     close() {
       closed ??= (async () => {
-        await batcher?.drain();
+        await writes.drain();
         await orm.close(true);
       })();
       return closed;

@@ -60,12 +60,13 @@ const AUDIT_COLUMNS = [
 export type TaskRow = Record<string, unknown>;
 
 /**
- * How task writes reach the database: on SQLite through the ORM, on
- * PostgreSQL as single statements through the group-commit batcher
- * (`batch` takes SQL with `?` placeholders and its params).
+ * How task writes reach the database, both group-committed (group-commit.ts):
+ * on PostgreSQL as single statements (`batch` takes SQL with `?`
+ * placeholders and its params), on SQLite as short units of work sharing one
+ * transaction (`transact`).
  */
 export type TaskWriter =
-  | { dialect: "sqlite"; fork(): EntityManager }
+  | { dialect: "sqlite"; fork(): EntityManager; transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T> }
   | { dialect: "postgresql"; fork(): EntityManager; batch(sql: string, params: unknown[]): Promise<TaskRow[]> };
 
 function parseObject(text: unknown): JsonObject | null {
@@ -217,7 +218,8 @@ function auditValues(spec: AuditSpec, after: TaskRecord): unknown[] {
  * data-modifying CTE, so a change costs one round trip and one commit instead
  * of four round trips (BEGIN, UPDATE, INSERT, COMMIT); socket writes to the
  * database were the largest single cost in the service's CPU profile.
- * SQLite has no DML in CTEs, so there it is a short transaction.
+ * SQLite has no DML in CTEs, so there the two statements are a unit of work
+ * committed with whatever other units arrived meanwhile.
  */
 async function withAudit(
   db: TaskWriter,
@@ -240,7 +242,7 @@ async function withAudit(
     const rows = await db.batch(sql, [...params, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, detailsParam]);
     return rows[0] ? rowToRecord(rows[0]) : null;
   }
-  return em.transactional(async (tx) => {
+  return db.transact(async (tx) => {
     const rows = await tx.execute<TaskRow[]>(statement, params, "all");
     if (!rows[0]) return null;
     const after = rowToRecord(rows[0]);
