@@ -43,7 +43,7 @@ const KNOBS = {
   probes: { flag: "probes", env: "BENCH_PROBES", def: "200", help: "tasks sent one at a time to measure dispatch latency" },
   probeRate: { flag: "probe-rate", env: "BENCH_PROBE_RATE", def: "20", help: "probe tasks per second" },
   queued: { flag: "queued", env: "BENCH_QUEUED", def: "100000", help: "tasks queued (of a type no agent takes) before the deep-queue probes" },
-  queueBudget: { flag: "queue-budget", env: "BENCH_QUEUE_BUDGET_S", def: "60", help: "stop queueing early after this many s (the count reached is printed)" },
+  queueBudget: { flag: "queue-budget", env: "BENCH_QUEUE_BUDGET_S", def: "150", help: "stop queueing early after this many s (the count reached is printed)" },
   sections: { flag: "sections", env: "BENCH_SECTIONS", def: "throughput,latency,embedded,idle,deep", help: "which parts to run" },
   bullmq: { flag: "bullmq", env: "BENCH_BULLMQ", def: "1", help: "run the BullMQ side (0 to skip)" },
   profile: { flag: "profile", env: "BENCH_PROFILE", def: "0", help: "1: extra throughput runs under --cpu-prof, summarised" },
@@ -236,7 +236,15 @@ interface Measured {
   pgCommits?: number;
   /** Redis commands per task (INFO stats, whole server). */
   redisCommands?: number;
+  /** CPU ms per task of this benchmark process (producer and consumer threads): the client side's share of the machine. */
+  clientCpu: number;
 }
+
+/** CPU time of this whole process (every thread), ms. */
+const clientCpuMs = (): number => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
+};
 
 // ─── backends ───────────────────────────────────────────────────────────────
 
@@ -408,6 +416,7 @@ async function oursThroughput(env: Env, backend: Backend, shape: RunShape, cpuPr
     const s0 = svc.sample();
     const r0 = env.redisCpuMs();
     const p0 = backend === "pg+redis" ? env.postgresCpuMs() : 0;
+    const k0 = clientCpuMs();
     const t0 = nowMs();
     let created = 0;
     const guard = budgetGuard(consumer, t0, shape.budgetMs, () => created);
@@ -423,6 +432,7 @@ async function oursThroughput(env: Env, backend: Backend, shape: RunShape, cpuPr
     guard.dispose();
     const createMs = nowMs() - t0;
     const done = await consumer.request({ op: "await", count: tasks, timeoutMs: 600_000 });
+    const k1 = clientCpuMs();
     const s1 = svc.sample();
     const r1 = env.redisCpuMs();
     const p1 = backend === "pg+redis" ? env.postgresCpuMs() : 0;
@@ -440,6 +450,7 @@ async function oursThroughput(env: Env, backend: Backend, shape: RunShape, cpuPr
       pgCpu: backend === "pg+redis" ? (p1 - p0) / tasks : NaN,
       pgCommits: db ? (x1 - x0) / tasks : NaN,
       redisCommands: backend === "pg+redis" ? (c1 - c0) / tasks : NaN,
+      clientCpu: (k1 - k0) / tasks,
     };
   } finally {
     producer.close();
@@ -480,14 +491,16 @@ async function bullThroughput(env: Env, shape: RunShape): Promise<Measured> {
     }
     const c0 = await env.redisCommands();
     const r0 = env.redisCpuMs();
+    const k0 = clientCpuMs();
     const t0 = nowMs();
     await closedLoop(shape.tasks, shape.inFlight, add);
     const createMs = nowMs() - t0;
     const done = await consumer.request({ op: "await", count: shape.tasks, timeoutMs: 600_000 });
+    const k1 = clientCpuMs();
     const r1 = env.redisCpuMs();
     const c1 = await env.redisCommands();
     const st = done.stats!;
-    return { tasks: shape.tasks, elapsedMs: st.lastCompletionMs - t0, createMs, latencies: st.latencies, redisCpu: (r1 - r0) / shape.tasks, redisCommands: (c1 - c0) / shape.tasks };
+    return { tasks: shape.tasks, elapsedMs: st.lastCompletionMs - t0, createMs, latencies: st.latencies, redisCpu: (r1 - r0) / shape.tasks, redisCommands: (c1 - c0) / shape.tasks, clientCpu: (k1 - k0) / shape.tasks };
   } finally {
     await consumer.close();
     await stop();
@@ -752,7 +765,9 @@ async function main(): Promise<void> {
         o.service!.cpu,
         o.pgCpu!,
         o.redisCpu!,
+        o.clientCpu,
         b?.redisCpu ?? NaN,
+        b?.clientCpu ?? NaN,
         o.pgCommits!,
         o.redisCommands!,
         b?.redisCommands ?? NaN,
@@ -762,8 +777,8 @@ async function main(): Promise<void> {
     }
     emit(
       table(
-        "End-to-end throughput, PostgreSQL + Redis vs BullMQ (tasks/s; CPU ms per task of our service process, of all postgres processes and of redis-server; RSS MB of our service)",
-        ["conc", "tasks", "ours/s", "bullmq/s", "ratio", "ours create/s", "bull add/s", "svc cpu", "pg cpu", "redis cpu", "bull redis cpu", "pg commits", "redis cmds", "bull redis cmds", "svc rss", "svc peak"],
+        "End-to-end throughput, PostgreSQL + Redis vs BullMQ (tasks/s; CPU ms per task of our service process, of all postgres processes, of redis-server and of the benchmark client (producer + agents, or BullMQ Queue + Worker); RSS MB of our service)",
+        ["conc", "tasks", "ours/s", "bullmq/s", "ratio", "ours create/s", "bull add/s", "svc cpu", "pg cpu", "redis cpu", "client cpu", "bull redis cpu", "bull client cpu", "pg commits", "redis cmds", "bull redis cmds", "svc rss", "svc peak"],
         rows,
       ),
     );
