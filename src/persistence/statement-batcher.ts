@@ -38,10 +38,15 @@ function rowsOf(result: unknown): Rows {
   return (result as { rows?: Rows } | undefined)?.rows ?? [];
 }
 
-/** A SQLSTATE the server reported for one statement; classes 08 (connection) and 57 (operator intervention) are about the session, not the SQL. */
+/**
+ * An error the server reported for a statement (it carries a severity and a
+ * SQLSTATE), so the batch is known to have rolled back. Socket errors such as
+ * EPIPE look like SQLSTATEs but are not; classes 08 (connection) and 57
+ * (operator intervention) are about the session, not the SQL.
+ */
 function isStatementError(e: unknown): boolean {
-  const code = (e as { code?: unknown } | null)?.code;
-  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) && !/^(08|57)/.test(code);
+  const err = e as { code?: unknown; severity?: unknown } | null;
+  return typeof err?.severity === "string" && typeof err.code === "string" && /^[0-9A-Z]{5}$/.test(err.code) && !/^(08|57)/.test(err.code);
 }
 
 export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertError }: StatementBatcherOptions): StatementBatcher {

@@ -240,7 +240,8 @@ export function createInProcessQueue(options: InProcessQueueOptions = {}): Prior
     async claimBatch(types, max) {
       assertOpen();
       const out: QueueEntry[] = [];
-      while (out.length < max) {
+      const limit = Math.floor(max);
+      while (out.length < limit) {
         const entry = claimBest(types);
         if (entry === null) break;
         out.push(entry);

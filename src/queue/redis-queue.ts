@@ -267,8 +267,9 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
 
   async function claimBatch(types: readonly TaskType[], max: number): Promise<QueueEntry[]> {
     const wanted = [...new Set(types)];
-    if (wanted.length === 0 || max < 1) return [];
-    const reply = await client.aaosClaimBatch(wanted.length, ...wanted.map(typeKey), String(Math.floor(max)));
+    const limit = Math.floor(max);
+    if (wanted.length === 0 || !(limit >= 1)) return [];
+    const reply = await client.aaosClaimBatch(wanted.length, ...wanted.map(typeKey), String(limit));
     const out: QueueEntry[] = [];
     for (let i = 0; i + 2 < reply.length; i += 3) {
       out.push({ taskId: String(reply[i + 1]), taskType: wanted[Number(reply[i]) - 1]!, ...decodeScore(String(reply[i + 2])) });

@@ -157,6 +157,75 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     }
   });
 
+  const connectAgent = (transport: "grpc" | "ws", port: number, options: Parameters<typeof GrpcAgent.connect>[1]) =>
+    transport === "grpc" ? GrpcAgent.connect(port, options) : WsAgent.connect(port, options);
+
+  /** An agent of `transport` holding `n` code tasks, one per slot. */
+  async function agentHolding(s: TestServer, transport: "grpc" | "ws", n: number) {
+    const agent = track(await connectAgent(transport, s.port, { capabilities: ["code"], maxConcurrency: n }));
+    for (let i = 0; i < n; i++) await post(s, "/tasks", { task_type: "code", description: `slot ${i}` });
+    await agent.waitForFrame("task_assignment", n);
+    return { agent, ids: agent.assignments.map((a) => a.taskId) };
+  }
+
+  /** Every task completed by `agent` in its first attempt, recorded exactly once. */
+  async function expectCompletedOnce(s: TestServer, agent: TestAgent, ids: string[]) {
+    for (const [i, id] of ids.entries()) {
+      expect(await getTask(s, id)).toMatchObject({ status: "completed", attempt: 1, failed_attempts: 0, agent_id: agent.agentId, result: { n: i } });
+      const actions = (await s.persistence.tasks.auditTrail(id)).map((r) => r.action);
+      expect(actions).toEqual(["task.created", "task.assigned", "task.completed"]);
+    }
+  }
+
+  /** Waits until the server has finished closing `agent`'s session (its leases decided). */
+  const sessionClosed = (s: TestServer, agent: TestAgent) =>
+    eventually(() => s.logs.lines.some((l) => l.msg === "agent session closed" && l.agent_id === agent.agentId), 10_000, "session closed on the server");
+
+  for (const transport of ["grpc", "ws"] as const) {
+    it.skipIf(!available)(`results sent back-to-back over ${transport} are all acknowledged and recorded once, a repeat in the same burst included`, async () => {
+      const s = await start(name);
+      const n = 5;
+      const { agent, ids } = await agentHolding(s, transport, n);
+      for (const [i, id] of ids.entries()) {
+        agent.complete(id, { n: i });
+        // The repeat arrives while the original may still be on its way to the database.
+        if (i === 1) agent.complete(id, { n: i });
+      }
+      await agent.waitForFrame("completion_ack", n + 1);
+      const acked = agent.frames.filter((f) => f.type === "completion_ack").map((f) => f.taskId);
+      expect([...acked].sort()).toEqual([...ids, ids[1]!].sort());
+      expect(agent.frames.filter((f) => f.type === "error")).toEqual([]);
+      await expectCompletedOnce(s, agent, ids);
+      // The slots are free again: new work reaches the same agent.
+      const { body } = await post(s, "/tasks", { task_type: "code", description: "after the burst" });
+      await agent.waitFor((a) => a.assignments.some((x) => x.taskId === body.task_id), 5000, "next assignment");
+      agent.complete(body.task_id, {});
+      await agent.waitForFrame("completion_ack", n + 2);
+    });
+
+    it.skipIf(!available)(`closing the ${transport} stream right after sending results leaves those tasks completed, not retried`, async () => {
+      const s = await start(name, { env: FAST });
+      const n = 4;
+      const { agent, ids } = await agentHolding(s, transport, n);
+      for (const [i, id] of ids.entries()) agent.complete(id, { n: i });
+      await agent.end();
+      await sessionClosed(s, agent);
+      await expectCompletedOnce(s, agent, ids);
+    });
+
+    it.skipIf(!available)(`closing the ${transport} stream right after a burst with a repeated result still records every result`, async () => {
+      const s = await start(name, { env: FAST });
+      const n = 4;
+      const { agent, ids } = await agentHolding(s, transport, n);
+      // One result more than the agent has slots: the repeat takes a place among the results in flight.
+      agent.complete(ids[0]!, { n: 0 });
+      for (const [i, id] of ids.entries()) agent.complete(id, { n: i });
+      await agent.end();
+      await sessionClosed(s, agent);
+      await expectCompletedOnce(s, agent, ids);
+    });
+  }
+
   it.skipIf(!available)("shutdown drains: new work is refused, agents are told, results in the grace period count", async () => {
     const s = await start(name, { env: { SHUTDOWN_GRACE_MS: "5000" } });
     const a = track(await GrpcAgent.connect(s.port, { maxConcurrency: 2 }));

@@ -17,7 +17,8 @@ function newPrefix(): string {
 }
 
 function keysOf(prefix: string): string[] {
-  return [`{${prefix}}:seq`, ...TASK_TYPES.map((t) => `{${prefix}}:q:${t}`)];
+  // ":seq:rebuilt" is the marker a reconcile leaves; without it every run would leave one key per prefix behind.
+  return [`{${prefix}}:seq`, `{${prefix}}:seq:rebuilt`, ...TASK_TYPES.map((t) => `{${prefix}}:q:${t}`)];
 }
 
 /** Queues opened by the current test; closed after it. */
@@ -220,6 +221,114 @@ for (const factory of factories) {
       const ids = claimed.flat().map((e) => e.taskId);
       expect(ids).toHaveLength(total);
       expect(new Set(ids).size).toBe(total);
+      expect(await q.depth()).toEqual({ total: 0, byPriority: {} });
+    });
+
+    /** 60 entries over four types, priorities and seqs scattered, enqueued out of order. */
+    function mixedEntries(): QueueEntry[] {
+      const types = ["code", "research", "qa", "analysis"] as const;
+      return Array.from({ length: 60 }, (_, i) => entry(`m${i}`, (i * 7) % 11, ((i * 37) % 60) + 1, types[(i * 5) % 4]));
+    }
+
+    it("claimBatch returns entries in exactly the order repeated claim would, across several types", async () => {
+      const batched = make();
+      const oneByOne = make();
+      const all = mixedEntries();
+      for (const e of all) {
+        await batched.enqueue(e);
+        await oneByOne.enqueue(e);
+      }
+      // "analysis" is left out, and a repeated type changes nothing.
+      const types = ["qa", "code", "research", "qa"] as const;
+      const wanted = all.filter((e) => e.taskType !== "analysis");
+      const expected = [...wanted].sort((a, b) => b.priority - a.priority || a.seq - b.seq);
+
+      const batch = await batched.claimBatch(types, 100);
+      expect(batch).toEqual(expected);
+      expect(batch).toEqual(await drain(oneByOne, types));
+      // Equal priorities from different types really were merged by seq.
+      expect(new Set(batch.filter((e) => e.priority === batch[0]!.priority).map((e) => e.taskType)).size).toBeGreaterThan(1);
+      expect(await batched.depth()).toEqual(await oneByOne.depth());
+      expect((await batched.depth()).total).toBe(all.length - wanted.length);
+    });
+
+    it("claimBatch honours max and removes exactly what it returned", async () => {
+      const q = make();
+      const all = mixedEntries();
+      for (const e of all) await q.enqueue(e);
+      // A removed entry is never handed out.
+      const removed = all.find((e) => e.taskType === "code")!;
+      expect(await q.remove(removed.taskId, removed.taskType)).toBe(true);
+      const types = ["code", "research"] as const;
+      const expected = all
+        .filter((e) => e !== removed && (types as readonly string[]).includes(e.taskType))
+        .sort((a, b) => b.priority - a.priority || a.seq - b.seq);
+
+      const first = await q.claimBatch(types, 7);
+      expect(first).toEqual(expected.slice(0, 7));
+      expect((await q.depth()).total).toBe(all.length - 1 - 7);
+      // A following claim continues right after the batch, and so does the next batch.
+      expect(await q.claim(types)).toEqual(expected[7]);
+      expect(await q.claimBatch(types, 5)).toEqual(expected.slice(8, 13));
+      // Asking for more than is left returns what is left.
+      expect(await q.claimBatch(types, 1000)).toEqual(expected.slice(13));
+      expect(await q.claimBatch(types, 3)).toEqual([]);
+      expect(await q.claim(types)).toBeNull();
+      // Other types were not touched.
+      const rest = all.filter((e) => e !== removed && !(types as readonly string[]).includes(e.taskType));
+      expect(await drain(q)).toEqual([...rest].sort((a, b) => b.priority - a.priority || a.seq - b.seq));
+    });
+
+    it("claimBatch of one is claim", async () => {
+      const q = make();
+      await q.enqueue(entry("low", 2, 1, "qa"));
+      await q.enqueue(entry("high", 8, 2, "code"));
+      expect(await q.claimBatch(["qa", "code"], 1)).toEqual([entry("high", 8, 2, "code")]);
+      expect(await q.claimBatch(["qa", "code"], 1)).toEqual([entry("low", 2, 1, "qa")]);
+      expect(await q.claimBatch(["qa", "code"], 1)).toEqual([]);
+    });
+
+    it("claimBatch returns [] and removes nothing for no types, max 0 or below, other types, or an empty queue", async () => {
+      const q = make();
+      expect(await q.claimBatch(TASK_TYPES, 10)).toEqual([]);
+      await q.enqueue(entry("a", 5, 1, "code"));
+      await q.enqueue(entry("b", 9, 2, "research"));
+      expect(await q.claimBatch([], 10)).toEqual([]);
+      expect(await q.claimBatch(TASK_TYPES, 0)).toEqual([]);
+      expect(await q.claimBatch(TASK_TYPES, -1)).toEqual([]);
+      expect(await q.claimBatch(["trading", "qa"], 10)).toEqual([]);
+      expect(await q.depth()).toEqual({ total: 2, byPriority: { 5: 1, 9: 1 } });
+      expect(await drain(q)).toEqual([entry("b", 9, 2, "research"), entry("a", 5, 1, "code")]);
+    });
+
+    it("never hands the same entry to two concurrent claimBatch calls", async () => {
+      const q = make();
+      const total = 600;
+      const types = ["code", "research", "analysis"] as const;
+      await q.reconcile(
+        Array.from({ length: total }, (_, i) => entry(`t${i}`, i % 11, i + 1, types[i % 3])),
+        total,
+      );
+      // Two large batches at once: disjoint, each in queue order, together everything.
+      const [a, b] = await Promise.all([q.claimBatch(types, 250), q.claimBatch(types, 250)]);
+      expect(a).toHaveLength(250);
+      expect(b).toHaveLength(250);
+      for (const batch of [a, b]) expect(batch).toEqual([...batch].sort((x, y) => y.priority - x.priority || x.seq - y.seq));
+      const ids = [...a, ...b].map((e) => e.taskId);
+      expect(new Set(ids).size).toBe(500);
+      // Many small batches racing over the rest, mixed with single claims.
+      const claimers = Array.from({ length: 12 }, async (_, n) => {
+        const got: QueueEntry[] = [];
+        for (;;) {
+          const batch = n % 3 === 0 ? [await q.claim(types)].filter((e) => e !== null) : await q.claimBatch(types, 1 + (n % 5));
+          if (batch.length === 0) return got;
+          got.push(...batch);
+        }
+      });
+      const restIds = (await Promise.all(claimers)).flat().map((e) => e.taskId);
+      const everything = [...ids, ...restIds];
+      expect(everything).toHaveLength(total);
+      expect(new Set(everything).size).toBe(total);
       expect(await q.depth()).toEqual({ total: 0, byPriority: {} });
     });
 
