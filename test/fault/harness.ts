@@ -67,6 +67,8 @@ export interface TaskRow {
   agent_id: string | null;
   result_json: string | null;
   error: string | null;
+  /** Set while a retry waits out its backoff; cleared once the task is back in the queue. */
+  run_at: unknown;
 }
 
 export interface AuditRow {
@@ -83,7 +85,7 @@ export interface Books {
   close(): Promise<void>;
 }
 
-const TASK_COLUMNS = "task_id, status, priority, attempt, failed_attempts, agent_id, result_json, error";
+const TASK_COLUMNS = "task_id, status, priority, attempt, failed_attempts, agent_id, result_json, error, run_at";
 const AUDIT_COLUMNS = "task_id, action, agent_id, details_json";
 
 /** A scenario's own data: what the server is started with, and how to read and remove it. */
