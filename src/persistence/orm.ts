@@ -11,6 +11,8 @@ import { Migration20260101000000Initial as PostgresInitial } from "./migrations/
 import { Migration20260101000000Initial as SqliteInitial } from "./migrations/sqlite/Migration20260101000000Initial.js";
 import { Migration20261124000000Leases as PostgresLeases } from "./migrations/postgresql/Migration20261124000000Leases.js";
 import { Migration20261124000000Leases as SqliteLeases } from "./migrations/sqlite/Migration20261124000000Leases.js";
+import { Migration20261125000000PartialIndexes as PostgresPartialIndexes } from "./migrations/postgresql/Migration20261125000000PartialIndexes.js";
+import { Migration20261125000000PartialIndexes as SqlitePartialIndexes } from "./migrations/sqlite/Migration20261125000000PartialIndexes.js";
 import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
 import { createGroupCommit } from "./group-commit.js";
 import { createStatementBatcher } from "./statement-batcher.js";
@@ -19,8 +21,8 @@ import type { TaskWriter } from "./task-sql.js";
 
 /** Migrations per dialect, imported (not globbed) so they load the same from src/, dist/ and vitest. */
 const MIGRATIONS = {
-  sqlite: [SqliteInitial, SqliteLeases],
-  postgresql: [PostgresInitial, PostgresLeases],
+  sqlite: [SqliteInitial, SqliteLeases, SqlitePartialIndexes],
+  postgresql: [PostgresInitial, PostgresLeases, PostgresPartialIndexes],
 } as const;
 
 /** How long to wait for a PostgreSQL connection before calling the database unreachable. */

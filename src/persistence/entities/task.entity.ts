@@ -37,21 +37,26 @@ export const TaskSchema = defineEntity({
     leaseExpiresAt: p.datetime(3).nullable(),
     // A retry waiting for its backoff; the task is queued once this passes.
     runAt: p.datetime(3).nullable(),
-    idempotencyKey: p.string().length(200).nullable().unique("tasks_idempotency_key_unique"),
+    idempotencyKey: p.string().length(200).nullable(),
     requestHash: p.string().length(64).nullable(),
   },
+  // Partial where a lookup names the state: a state change then adds entries
+  // only to the indexes of the state the task enters (see the migrations).
   indexes: [
     {
       name: "tasks_runnable_index",
-      columns: [{ name: "status" }, { name: "priority", sort: "DESC" }, { name: "seq" }],
+      columns: [{ name: "priority", sort: "DESC" }, { name: "seq" }],
+      where: { status: "pending" },
     },
     {
       name: "tasks_listing_index",
       columns: [{ name: "created_at", sort: "DESC" }, { name: "task_id" }],
     },
-    { name: "tasks_lease_index", properties: ["status", "leaseExpiresAt"] },
-    { name: "tasks_run_at_index", properties: ["status", "runAt"] },
+    { name: "tasks_lease_index", properties: ["leaseExpiresAt"], where: { status: "assigned" } },
+    { name: "tasks_holder_index", properties: ["agentId"], where: { status: "assigned" } },
+    { name: "tasks_run_at_index", properties: ["runAt"], where: { status: "pending", runAt: { $ne: null } } },
   ],
+  uniques: [{ name: "tasks_idempotency_key_unique", properties: ["idempotencyKey"], where: { idempotencyKey: { $ne: null } } }],
 });
 
 export class Task extends TaskSchema.class {}
