@@ -90,7 +90,8 @@ export class AgentSession {
    * database commit, and handling them one by one capped a many-slot agent
    * at one commit round trip per task. Everything else is handled in arrival
    * order. The promise settles when the message has been taken on, so a
-   * transport that awaits it reads no faster than results are recorded.
+   * transport that awaits it (gRPC) reads no faster than results are
+   * recorded; WS does not wait, and its results queue here as they always did.
    */
   receive(input: unknown): Promise<void> {
     const parsed = this.parse(input);

@@ -37,13 +37,17 @@ export class Dispatcher {
   private stopped = false;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly unsubscribe: Array<() => void>;
+  /** Tasks cancelled while a pass runs: one being leased must not be delivered after its cancel went by. */
+  private readonly cancelledDuringPass = new Set<string>();
 
   constructor(private readonly o: DispatcherOptions) {
     this.unsubscribe = [
       o.queue.onAvailable(() => this.kick()),
       // A task cancelled while held here: tell its agent and free the slot.
       o.events.subscribeAll((task) => {
-        if (task.status === "cancelled" && task.agentId) this.sessions.get(task.agentId)?.cancelled(task.taskId);
+        if (task.status !== "cancelled") return;
+        if (this.running) this.cancelledDuringPass.add(task.taskId);
+        if (task.agentId) this.sessions.get(task.agentId)?.cancelled(task.taskId);
       }),
     ];
   }
@@ -94,6 +98,7 @@ export class Dispatcher {
   }
 
   private async run(): Promise<void> {
+    this.cancelledDuringPass.clear();
     try {
       do {
         this.again = false;
@@ -166,10 +171,18 @@ export class Dispatcher {
       const task = outcome.value;
       // Not PENDING any more (cancelled, or a stale entry): drop it.
       if (!task) continue;
+      // Cancelled while its lease was being written: the cancel found no holder to tell, so never deliver it.
+      if (this.cancelledDuringPass.has(task.taskId)) continue;
       if (session.freeSlots <= 0) {
-        // The session closed (or filled) while we were assigning: give the lease straight back.
-        const back = await this.o.tasks.release(task.taskId, session.agentId, task.attempt, "agent went away during assignment", now);
-        if (back) await this.o.queue.enqueue(entry);
+        // The session closed (or filled) while we were assigning: give the
+        // lease straight back. A failure here must not strand the rest of the
+        // batch; the lease, never renewed, expires and the task runs again.
+        try {
+          const back = await this.o.tasks.release(task.taskId, session.agentId, task.attempt, "agent went away during assignment", now);
+          if (back) await this.o.queue.enqueue(entry);
+        } catch (e: unknown) {
+          failure ??= e;
+        }
         continue;
       }
       if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());

@@ -25,7 +25,7 @@ const BATCH = 500;
  * The time-driven side of delivery, one pass every `intervalMs`:
  * - renews the leases of tasks held by this instance's live sessions and
  *   marks those agents as seen (one statement each for all of them), so only
- *   a dead holder's lease runs out and other instances know who is alive;
+ *   a lease nobody holds runs out and other instances know who is alive;
  * - ends attempts past their execution timeout (the agent is told);
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
@@ -54,8 +54,11 @@ export class Sweeper {
     const now = this.o.clock();
     const sessions = this.o.dispatcher.list();
     for (const s of sessions) s.expireOverdue(now);
-    await this.step("renew leases", () => this.renew(now, sessions.map((s) => s.agentId)));
-    await this.step("expire leases", () => this.expireLeases(now, new Set(sessions.map((s) => s.agentId))));
+    // Only tasks a live session here really holds are renewed or spared: a
+    // lease written for a task that never reached its agent must run out.
+    const held = sessions.flatMap((s) => [...s.held.keys()].map((taskId) => ({ taskId, agentId: s.agentId })));
+    await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
+    await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
   }
 
@@ -68,18 +71,18 @@ export class Sweeper {
   }
 
   /** Renewing at a third of the lease leaves two more chances before it lapses. */
-  private async renew(now: Date, agentIds: string[]): Promise<void> {
+  private async renew(now: Date, held: Array<{ taskId: string; agentId: string }>, agentIds: string[]): Promise<void> {
     if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
-    await this.o.tasks.renewLeases(agentIds, new Date(now.getTime() + this.o.leaseTtlMs));
+    await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs));
     await this.o.agents.touchHeartbeats(agentIds, now);
     this.lastRenewal = now.getTime();
   }
 
-  private async expireLeases(now: Date, localAgents: Set<string>): Promise<void> {
+  private async expireLeases(now: Date, heldHere: Set<string>): Promise<void> {
     for (const task of await this.o.tasks.listExpiredLeases(now, BATCH)) {
-      if (task.agentId && localAgents.has(task.agentId)) {
-        // Our own live agent: the renewal was late (e.g. the database was
-        // briefly away), not a dead holder. Renew on the next pass.
+      if (heldHere.has(task.taskId)) {
+        // Held by a live session here: the renewal was late (e.g. the
+        // database was briefly away), not a dead holder. Renew next pass.
         this.lastRenewal = 0;
         continue;
       }

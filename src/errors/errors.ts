@@ -66,7 +66,7 @@ function isUnavailable(e: unknown): boolean {
     const err = cur as { code?: unknown; name?: unknown; message?: unknown; cause?: unknown };
     if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || /^(08|57P)/.test(err.code))) return true;
     if (err.name === "ConnectionException" || err.name === "MaxRetriesPerRequestError") return true;
-    if (typeof err.message === "string" && /Connection is closed|Stream isn't writeable|connect ECONNREFUSED|Connection terminated|timeout exceeded when trying to connect/i.test(err.message)) return true;
+    if (typeof err.message === "string" && /Connection is closed|Stream isn't writeable|connect ECONNREFUSED|Connection terminated|timeout exceeded when trying to connect|Cannot use a pool after calling end/i.test(err.message)) return true;
     cur = err.cause;
   }
   return false;

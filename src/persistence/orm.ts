@@ -200,7 +200,7 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     });
     writes = batcher;
     // The ORM sends every query with its values inlined by this same formatter; so do we.
-    writer = { dialect: "postgresql", fork, batch: (sql, params) => batcher.run(platform.formatQuery(sql, params)) };
+    writer = { dialect: "postgresql", fork, batch: (sql, params, taskId) => batcher.run(platform.formatQuery(sql, params), taskId) };
   } else {
     type Work = (em: EntityManager) => Promise<unknown>;
     // SQLite has one writer: one transaction at a time, each sharing its fsync among the units in it.

@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { insertTask, updateTask, type AuditSpec, type TaskValues, type TaskWriter } from "./task-sql.js";
+import { insertTask, tasksTable, updateTask, type AuditSpec, type TaskValues, type TaskWriter } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -238,9 +238,20 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
       );
     },
 
-    async renewLeases(agentIds, leaseExpiresAt) {
-      if (agentIds.length === 0) return 0;
-      return deps.fork().nativeUpdate(Task, { status: "assigned", agentId: { $in: [...agentIds] } }, { leaseExpiresAt });
+    async renewLeases(held, leaseExpiresAt) {
+      if (held.length === 0) return 0;
+      const pairs = held.map(() => "(?, ?)").join(", ");
+      const params = held.flatMap((h) => [h.taskId, h.agentId]);
+      // Locks are taken in task id order and rows locked by a group commit in
+      // flight are skipped, so renewal can never deadlock with batched writes.
+      const lockFree = deps.dialect === "postgresql" ? " order by task_id for update skip locked" : "";
+      const em = deps.fork();
+      const tasks = tasksTable(em);
+      return em.execute(
+        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${lockFree})`,
+        [leaseExpiresAt, ...params],
+        "run",
+      ).then((r) => Number((r as { affectedRows?: number }).affectedRows ?? 0));
     },
 
     async listExpiredLeases(now, limit) {
@@ -259,7 +270,16 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
 
     async markQueued(taskIds) {
       if (taskIds.length === 0) return;
-      await deps.fork().nativeUpdate(Task, { status: "pending", taskId: { $in: [...taskIds] } }, { runAt: null });
+      const lockFree = deps.dialect === "postgresql" ? " order by task_id for update skip locked" : "";
+      // A row locked by a write in flight is skipped: the next sweep finds it
+      // still due, queues it again (a no-op) and marks it then.
+      const em = deps.fork();
+      const tasks = tasksTable(em);
+      await em.execute(
+        `update ${tasks} set run_at = null where task_id in (select task_id from ${tasks} where status = 'pending' and task_id in (${taskIds.map(() => "?").join(", ")})${lockFree})`,
+        [...taskIds],
+        "run",
+      );
     },
 
     async findByIdempotencyKey(key) {

@@ -7,10 +7,12 @@ import { Task } from "./entities/task.entity.js";
 
 /**
  * Hand-written SQL for the hot write paths (state transitions and inserts),
- * run through the transaction's EntityManager with `?` placeholders. It skips
- * the ORM's query building, entity hydration and identity map, which cost more
- * CPU than the database round trips themselves. Column names are those of the
- * migrations; `rowToRecord` maps a raw row in either dialect's value format.
+ * written with `?` placeholders and sent through the group commit: on
+ * PostgreSQL with the values inlined by the ORM's own formatter, on SQLite
+ * through the ORM inside the batch's transaction. It skips the ORM's query
+ * building, entity hydration and identity map, which cost more CPU than the
+ * database round trips themselves. Column names are those of the migrations;
+ * `rowToRecord` maps a raw row in either dialect's value format.
  */
 
 /** Task property → column, as created by the migrations. */
@@ -67,7 +69,7 @@ export type TaskRow = Record<string, unknown>;
  */
 export type TaskWriter =
   | { dialect: "sqlite"; fork(): EntityManager; transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T> }
-  | { dialect: "postgresql"; fork(): EntityManager; batch(sql: string, params: unknown[]): Promise<TaskRow[]> };
+  | { dialect: "postgresql"; fork(): EntityManager; batch(sql: string, params: unknown[], taskId: string): Promise<TaskRow[]> };
 
 function parseObject(text: unknown): JsonObject | null {
   if (text == null || text === "") return null;
@@ -185,6 +187,11 @@ function tables(em: EntityManager): Tables {
   return found;
 }
 
+/** The quoted, schema-qualified `tasks` table, for hand-written statements elsewhere. */
+export function tasksTable(em: EntityManager): string {
+  return tables(em).tasks;
+}
+
 /** `value` as SQL: a raw() fragment stays an expression (with its own params), anything else becomes a `?`. */
 function valueSql(value: unknown, params: unknown[]): string {
   if (isRaw(value)) {
@@ -224,6 +231,7 @@ function auditValues(spec: AuditSpec, after: TaskRecord): unknown[] {
 async function withAudit(
   db: TaskWriter,
   em: EntityManager,
+  taskId: string,
   statement: string,
   params: unknown[],
   audit: AuditSpec,
@@ -239,7 +247,7 @@ async function withAudit(
       `select ?, t.${q("task_id")}, ?, ?, ?, t.${q("status")}, coalesce(?, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} from t) ` +
       "select * from t";
     const detailsParam = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
-    const rows = await db.batch(sql, [...params, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, detailsParam]);
+    const rows = await db.batch(sql, [...params, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, detailsParam], taskId);
     return rows[0] ? rowToRecord(rows[0]) : null;
   }
   return db.transact(async (tx) => {
@@ -284,7 +292,7 @@ export async function updateTask(
     }
   }
   const sql = `update ${t.tasks} set ${assignments.join(", ")} where ${conditions.join(" and ")} returning *`;
-  return withAudit(db, em, sql, params, audit);
+  return withAudit(db, em, taskId, sql, params, audit);
 }
 
 /** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
@@ -299,7 +307,7 @@ export async function insertTask(db: TaskWriter, values: Record<TaskProperty, un
     placeholders.push(valueSql(value === undefined ? null : value, params));
   }
   const sql = `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`;
-  const record = await withAudit(db, em, sql, params, audit);
+  const record = await withAudit(db, em, String(values.taskId), sql, params, audit);
   if (!record) throw new Error("insert into tasks returned no row");
   return record;
 }

@@ -21,8 +21,10 @@ interface WireChange {
  * Publishing never waits: a change that cannot be announced (Redis down) is
  * still committed, and remote watchers catch up on their next event. The
  * changes of one turn of the event loop go out as one message,
- * `<origin>|<JSON array>`; a bare JSON object (one change, as earlier
- * versions sent) is still understood.
+ * `<origin>|<JSON array>`. A bare JSON object (one change, as earlier
+ * versions sent) is still understood, but earlier versions cannot read the
+ * batches: during a rolling upgrade, watchers and cancellations on
+ * not-yet-upgraded instances miss changes made on upgraded ones.
  */
 export function createRedisTaskEvents(options: { url: string; prefix?: string; log?: QueueLog }): TaskEvents {
   const channel = `{${options.prefix ?? "aaos"}}:events`;

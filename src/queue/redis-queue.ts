@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { Redis, type RedisOptions } from "ioredis";
+import { Redis, ReplyError, type RedisOptions } from "ioredis";
 import {
   assertValidEntry,
   assertValidSeq,
@@ -269,7 +269,17 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     const wanted = [...new Set(types)];
     const limit = Math.floor(max);
     if (wanted.length === 0 || !(limit >= 1)) return [];
-    const reply = await client.aaosClaimBatch(wanted.length, ...wanted.map(typeKey), String(limit));
+    let reply: Array<number | string>;
+    try {
+      reply = await client.aaosClaimBatch(wanted.length, ...wanted.map(typeKey), String(limit));
+    } catch (e: unknown) {
+      // A timeout or a connection lost after the script ran loses its reply,
+      // and with it up to `limit` entries the script removed. Their tasks are
+      // still PENDING in the database: have the index rebuilt from it (a
+      // duplicate entry costs nothing; the lease's compare-and-set drops it).
+      if (!(e instanceof ReplyError)) signalReset();
+      throw e;
+    }
     const out: QueueEntry[] = [];
     for (let i = 0; i + 2 < reply.length; i += 3) {
       out.push({ taskId: String(reply[i + 1]), taskType: wanted[Number(reply[i]) - 1]!, ...decodeScore(String(reply[i + 2])) });

@@ -65,8 +65,13 @@ export interface TaskRepository {
   cancel(taskId: string, now: Date, correlationId: string | null): Promise<TaskRecord | null>;
   /** failed → pending with a fresh set of attempts (operator re-queue). */
   retry(taskId: string, now: Date, correlationId: string | null): Promise<TaskRecord | null>;
-  /** Extends the leases of every task these agents hold. Returns how many. */
-  renewLeases(agentIds: readonly string[], leaseExpiresAt: Date): Promise<number>;
+  /**
+   * Extends the leases of these held tasks, each only while it is still
+   * assigned to the given holder. Returns how many. Rows another writer has
+   * locked are skipped: they are changing anyway, and the next renewal
+   * catches any that stay assigned.
+   */
+  renewLeases(held: ReadonlyArray<{ taskId: string; agentId: string }>, leaseExpiresAt: Date): Promise<number>;
   /** Assigned tasks whose lease ran out before `now` (their holder is gone), oldest lease first. */
   listExpiredLeases(now: Date, limit: number): Promise<TaskRecord[]>;
   /** Pending retries whose backoff has passed, in queue order. */

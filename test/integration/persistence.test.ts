@@ -579,13 +579,15 @@ for (const backend of backends) {
       ]);
     });
 
-    it("renews leases of the given agents only, and lists expired ones", async () => {
+    it("renews only the given held leases, and lists expired ones", async () => {
       const db = await freshDb();
       const [a, b] = [newTask(), newTask()];
       for (const t of [a, b]) await db.tasks.insert(t, created(t));
       await db.tasks.assign(a.taskId, "agent-a", later(1), null, later(1000));
       await db.tasks.assign(b.taskId, "agent-b", later(1), null, later(1000));
-      expect(await db.tasks.renewLeases(["agent-a"], later(5000))).toBe(1);
+      expect(await db.tasks.renewLeases([{ taskId: a.taskId, agentId: "agent-a" }], later(5000))).toBe(1);
+      // Not b's holder: nothing renewed.
+      expect(await db.tasks.renewLeases([{ taskId: b.taskId, agentId: "agent-a" }], later(5000))).toBe(0);
       expect(await db.tasks.renewLeases([], later(5000))).toBe(0);
       expect((await db.tasks.listExpiredLeases(later(2000), 10)).map((t) => t.taskId)).toEqual([b.taskId]);
       expect(await db.tasks.listExpiredLeases(later(500), 10)).toEqual([]);

@@ -112,6 +112,24 @@ describe.skipIf(!postgresAvailable)("statement batcher on PostgreSQL", () => {
     expect(seen.rows.map((r) => r.k)).toEqual(Array.from({ length: 40 }, (_, i) => `k${i}`));
   });
 
+  it("runs a batch in lock-key order, so two batches locking the same rows wait instead of deadlocking", async () => {
+    const items = await itemsTable();
+    await pool.query(`insert into ${items} (k, v) values ('a', 0), ('b', 0)`);
+    const db = watched(pool);
+    const b = batcher(db, { maxInFlight: 2 });
+    // Two batches in flight at once, each touching both rows, issued in opposite orders.
+    const bump = (k: string) => `update ${items} set v = v + 1 where k = '${k}' returning k, v, pg_sleep(0.1) is null as slept`;
+    const first = [b.run(bump("b"), "b"), b.run(bump("a"), "a")];
+    await nextTurn();
+    const second = [b.run(bump("a"), "a"), b.run(bump("b"), "b")];
+    const rows = await Promise.all([...first, ...second]);
+    // Each caller still gets its own row back, whatever order the batch ran in.
+    expect(rows.map((r) => r[0]!.k)).toEqual(["b", "a", "a", "b"]);
+    expect(await contents(items)).toEqual([["a", 2], ["b", 2]]);
+    expect(db.queries).toHaveLength(2);
+    for (const q of db.queries) expect(q.indexOf("k = 'a'")).toBeLessThan(q.indexOf("k = 'b'"));
+  });
+
   it("sends a statement on an idle connection at once, and groups those that arrive while a batch is in flight", async () => {
     const items = await itemsTable();
     const db = watched(pool);

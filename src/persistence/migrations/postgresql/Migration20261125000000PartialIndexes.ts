@@ -7,8 +7,8 @@ import { Migration } from "@mikro-orm/migrations";
  * full index on (status, …) took an entry on every change, a partial one only
  * when the row is in that state. The lookups (runnable, expired leases, due
  * retries, an agent's leases, idempotency keys) all name the state, so they
- * can still use them. Adds the missing index for lease renewal by agent,
- * which otherwise scanned every task ever created.
+ * can still use them. Adds an index for lease renewal, which looks tasks up
+ * by holder among the assigned ones.
  */
 export class Migration20261125000000PartialIndexes extends Migration {
   override name = "Migration20261125000000PartialIndexes";
