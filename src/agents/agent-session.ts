@@ -102,10 +102,10 @@ export class AgentSession {
     return this.chain;
   }
 
-  /** Results received and not yet recorded, admitted or waiting for a place. */
-  private readonly results = new Set<Promise<void>>();
+  /** Results received and not yet recorded, admitted or waiting for a place (created on first use: 10,000 idle sessions must stay small). */
+  private results: Set<Promise<void>> | undefined;
   private recording = 0;
-  private readonly waitingForPlace: Array<() => void> = [];
+  private waitingForPlace: Array<() => void> | undefined;
 
   private parse(input: unknown): ReturnType<AgentMessageParser> {
     try {
@@ -131,7 +131,7 @@ export class AgentSession {
       admitted = Promise.resolve();
     } else {
       admitted = new Promise<void>((resolve) =>
-        this.waitingForPlace.push(() => {
+        (this.waitingForPlace ??= []).push(() => {
           this.recording++;
           resolve();
         }),
@@ -142,10 +142,10 @@ export class AgentSession {
       .catch((e: unknown) => this.reportFailure(e))
       .finally(() => {
         this.recording--;
-        this.results.delete(recorded);
-        this.waitingForPlace.shift()?.();
+        this.results?.delete(recorded);
+        this.waitingForPlace?.shift()?.();
       });
-    this.results.add(recorded);
+    (this.results ??= new Set()).add(recorded);
     return admitted;
   }
 
@@ -380,7 +380,7 @@ export class AgentSession {
     this.chain = this.chain.then(async () => {
       if (!wasActive) return;
       // Results already on their way to the database decide their tasks first.
-      await Promise.allSettled([...this.results]);
+      if (this.results) await Promise.allSettled([...this.results]);
       const now = this.deps.clock();
       for (const task of this.held.values()) {
         if (reason === SERVER_SHUTDOWN) await this.handBack(task, now);
