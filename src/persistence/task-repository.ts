@@ -68,6 +68,11 @@ function toRecord(row: Task): TaskRecord {
  * transitions (complete, fail, cancel) set completed_at.
  */
 export function createTaskRepository(deps: TaskWriter): TaskRepository {
+  // Sweeper updates of many rows lock them in task id order and skip rows a
+  // group commit in flight holds, so they can never deadlock with batched
+  // writes (SQLite has a single writer and no row locks).
+  const skipLocked = deps.dialect === "postgresql" ? " order by task_id for update skip locked" : "";
+
   /** Applies `set` to the task only if it still matches `expected`, with the audit row of the change. */
   function transition(taskId: string, expected: TaskValues, set: TaskValues, audit: AuditSpec): Promise<TaskRecord | null> {
     return updateTask(deps, taskId, expected, set, audit);
@@ -242,13 +247,10 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
       if (held.length === 0) return 0;
       const pairs = held.map(() => "(?, ?)").join(", ");
       const params = held.flatMap((h) => [h.taskId, h.agentId]);
-      // Locks are taken in task id order and rows locked by a group commit in
-      // flight are skipped, so renewal can never deadlock with batched writes.
-      const lockFree = deps.dialect === "postgresql" ? " order by task_id for update skip locked" : "";
       const em = deps.fork();
       const tasks = tasksTable(em);
       return em.execute(
-        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${lockFree})`,
+        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${skipLocked})`,
         [leaseExpiresAt, ...params],
         "run",
       ).then((r) => Number((r as { affectedRows?: number }).affectedRows ?? 0));
@@ -270,13 +272,12 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
 
     async markQueued(taskIds) {
       if (taskIds.length === 0) return;
-      const lockFree = deps.dialect === "postgresql" ? " order by task_id for update skip locked" : "";
       // A row locked by a write in flight is skipped: the next sweep finds it
       // still due, queues it again (a no-op) and marks it then.
       const em = deps.fork();
       const tasks = tasksTable(em);
       await em.execute(
-        `update ${tasks} set run_at = null where task_id in (select task_id from ${tasks} where status = 'pending' and task_id in (${taskIds.map(() => "?").join(", ")})${lockFree})`,
+        `update ${tasks} set run_at = null where task_id in (select task_id from ${tasks} where status = 'pending' and task_id in (${taskIds.map(() => "?").join(", ")})${skipLocked})`,
         [...taskIds],
         "run",
       );

@@ -55,6 +55,16 @@ function entry(taskId: string, priority: number, seq: number, taskType: TaskType
   return { taskId, taskType, priority, seq };
 }
 
+/** `total` entries t0…, cycling priorities 0–10 over three types; returns those types. */
+async function fillMixed(queue: PriorityQueue, total: number) {
+  const types = ["code", "research", "analysis"] as const;
+  await queue.reconcile(
+    Array.from({ length: total }, (_, i) => entry(`t${i}`, i % 11, i + 1, types[i % 3])),
+    total,
+  );
+  return types;
+}
+
 async function drain(queue: PriorityQueue, types: readonly TaskType[] = TASK_TYPES): Promise<QueueEntry[]> {
   const out: QueueEntry[] = [];
   for (let e = await queue.claim(types); e !== null; e = await queue.claim(types)) out.push(e);
@@ -212,11 +222,7 @@ for (const factory of factories) {
     it("hands each entry to exactly one of many concurrent claimers", async () => {
       const q = make();
       const total = 1000;
-      const types = ["code", "research", "analysis"] as const;
-      await q.reconcile(
-        Array.from({ length: total }, (_, i) => entry(`t${i}`, i % 11, i + 1, types[i % 3])),
-        total,
-      );
+      const types = await fillMixed(q, total);
       const claimed = await Promise.all(Array.from({ length: 20 }, () => drain(q, types)));
       const ids = claimed.flat().map((e) => e.taskId);
       expect(ids).toHaveLength(total);
@@ -304,11 +310,7 @@ for (const factory of factories) {
     it("never hands the same entry to two concurrent claimBatch calls", async () => {
       const q = make();
       const total = 600;
-      const types = ["code", "research", "analysis"] as const;
-      await q.reconcile(
-        Array.from({ length: total }, (_, i) => entry(`t${i}`, i % 11, i + 1, types[i % 3])),
-        total,
-      );
+      const types = await fillMixed(q, total);
       // Two large batches at once: disjoint, each in queue order, together everything.
       const [a, b] = await Promise.all([q.claimBatch(types, 250), q.claimBatch(types, 250)]);
       expect(a).toHaveLength(250);
