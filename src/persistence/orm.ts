@@ -13,6 +13,8 @@ import { Migration20261124000000Leases as PostgresLeases } from "./migrations/po
 import { Migration20261124000000Leases as SqliteLeases } from "./migrations/sqlite/Migration20261124000000Leases.js";
 import { Migration20261125000000PartialIndexes as PostgresPartialIndexes } from "./migrations/postgresql/Migration20261125000000PartialIndexes.js";
 import { Migration20261125000000PartialIndexes as SqlitePartialIndexes } from "./migrations/sqlite/Migration20261125000000PartialIndexes.js";
+import { Migration20261126000000HolderIndex as PostgresHolderIndex } from "./migrations/postgresql/Migration20261126000000HolderIndex.js";
+import { Migration20261126000000HolderIndex as SqliteHolderIndex } from "./migrations/sqlite/Migration20261126000000HolderIndex.js";
 import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
 import { createGroupCommit } from "./group-commit.js";
 import { createStatementBatcher } from "./statement-batcher.js";
@@ -21,8 +23,8 @@ import type { TaskWriter } from "./task-sql.js";
 
 /** Migrations per dialect, imported (not globbed) so they load the same from src/, dist/ and vitest. */
 const MIGRATIONS = {
-  sqlite: [SqliteInitial, SqliteLeases, SqlitePartialIndexes],
-  postgresql: [PostgresInitial, PostgresLeases, PostgresPartialIndexes],
+  sqlite: [SqliteInitial, SqliteLeases, SqlitePartialIndexes, SqliteHolderIndex],
+  postgresql: [PostgresInitial, PostgresLeases, PostgresPartialIndexes, PostgresHolderIndex],
 } as const;
 
 /** How long to wait for a PostgreSQL connection before calling the database unreachable. */

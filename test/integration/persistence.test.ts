@@ -202,7 +202,7 @@ for (const backend of backends) {
       expect(infos).toEqual(["database migrated"]);
       expect(await second.tasks.get(task.taskId)).toEqual(task);
       const rows = (await backend.exec(options, "select name from mikro_orm_migrations order by id")) as Array<{ name: string }>;
-      expect(rows.map((r) => r.name)).toEqual(["Migration20260101000000Initial", "Migration20261124000000Leases", "Migration20261125000000PartialIndexes"]);
+      expect(rows.map((r) => r.name)).toEqual(["Migration20260101000000Initial", "Migration20261124000000Leases", "Migration20261125000000PartialIndexes", "Migration20261126000000HolderIndex"]);
       await expect(second.ping()).resolves.toBeUndefined();
       // The hand-frozen migration and the entities describe the same schema.
       expect(await backend.schemaDiff(options)).toBe("");

@@ -53,7 +53,7 @@ export const TaskSchema = defineEntity({
       columns: [{ name: "created_at", sort: "DESC" }, { name: "task_id" }],
     },
     { name: "tasks_lease_index", properties: ["leaseExpiresAt"], where: { status: "assigned" } },
-    { name: "tasks_holder_index", properties: ["agentId"], where: { status: "assigned" } },
+    { name: "tasks_holder_index", properties: ["agentId", "taskId"], where: { status: "assigned" } },
     { name: "tasks_run_at_index", properties: ["runAt"], where: { status: "pending", runAt: { $ne: null } } },
   ],
   uniques: [{ name: "tasks_idempotency_key_unique", properties: ["idempotencyKey"], where: { idempotencyKey: { $ne: null } } }],
