@@ -19,7 +19,7 @@ import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./sc
 import { createGroupCommit } from "./group-commit.js";
 import { createStatementBatcher } from "./statement-batcher.js";
 import { createTaskRepository } from "./task-repository.js";
-import type { TaskWriter } from "./task-sql.js";
+import { lockTasksSql, type TaskWriter } from "./task-sql.js";
 
 /** Migrations per dialect, imported (not globbed) so they load the same from src/, dist/ and vitest. */
 const MIGRATIONS = {
@@ -128,7 +128,10 @@ function ormOptions(target: Target, schema: string | undefined): Partial<Options
     driver: PostgreSqlDriver,
     clientUrl: target.url,
     ...(schema ? { schema } : {}),
-    driverOptions: { connectionTimeoutMillis: CONNECT_TIMEOUT_MS },
+    // Keepalive: a connection whose peer vanished (host down, network cut)
+    // is probed after 10 s of silence, not the kernel's default two hours, so
+    // a write batch waiting on it fails and frees its slot.
+    driverOptions: { connectionTimeoutMillis: CONNECT_TIMEOUT_MS, keepAlive: true, keepAliveInitialDelayMillis: 10_000 },
     migrations: schema ? { ...migrations, schema } : migrations,
   };
 }
@@ -192,17 +195,16 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
   let writer: TaskWriter;
   if (target.dialect === "postgresql") {
     const pool = await (orm.em.getConnection() as PostgreSqlConnection).getNativeClient();
-    const platform = orm.em.getPlatform();
     const driver = orm.em.getDriver();
     const batcher = createStatementBatcher({
       pool,
       maxBatch: BATCH_MAX_STATEMENTS,
       maxInFlight: BATCH_MAX_IN_FLIGHT,
       convertError: (e) => driver.convertException(e),
+      lockSql: lockTasksSql(fork()),
     });
     writes = batcher;
-    // The ORM sends every query with its values inlined by this same formatter; so do we.
-    writer = { dialect: "postgresql", fork, batch: (sql, params, taskId) => batcher.run(platform.formatQuery(sql, params), taskId) };
+    writer = { dialect: "postgresql", fork, batch: (template, row, taskId) => batcher.runSet(template, row, taskId) };
   } else {
     type Work = (em: EntityManager) => Promise<unknown>;
     // SQLite has one writer: one transaction at a time, each sharing its fsync among the units in it.

@@ -1,30 +1,60 @@
 import { createGroupCommit } from "./group-commit.js";
 
 /**
- * Group commit for PostgreSQL writes (see group-commit.ts). Each task state
- * change is already one self-contained statement (see task-sql.ts); a batch
- * of them travels as ONE simple-protocol query: one socket write, one round
- * trip and one commit for the lot. A multi-statement query runs as one
- * implicit transaction, so a statement error (say a duplicate idempotency
- * key) rolled the whole batch back and each statement is then run alone.
- * Connection-level failures are not retried: whether the batch committed is
- * unknown, exactly as it would be for a single statement.
+ * Group commit for PostgreSQL writes (see group-commit.ts). A batch of
+ * statements travels as ONE simple-protocol query: one socket write, one
+ * round trip and one commit for the lot. Statements of the same shape (a
+ * `SetTemplate`: task-sql.ts makes one per kind of state change) are merged
+ * into one set-based statement over arrays of their values, so PostgreSQL
+ * parses and plans each shape once per batch instead of once per change.
+ *
+ * A multi-statement query runs as one implicit transaction, so a statement
+ * error (say a duplicate idempotency key) rolled the whole batch back, and
+ * each statement is then run alone. Connection-level failures are not
+ * retried: whether the batch committed is unknown, exactly as it would be
+ * for a single statement.
  */
 export interface StatementBatcher {
   /**
    * Runs one statement (literal SQL, no placeholders) with the next batch;
    * resolves with its rows after the commit. `lockKey` is the row it changes
-   * (the task id): a batch runs its statements in key order, so two batches
-   * (on any instance) lock rows in the same order and cannot deadlock.
+   * (the task id): see `StatementBatcherOptions.lockSql`.
    */
   run(sql: string, lockKey?: string): Promise<Rows>;
+  /**
+   * Runs `template` for one input row with the next batch, merged with the
+   * batch's other rows of the same template; resolves with the result rows
+   * whose `template.keyColumn` equals `lockKey`.
+   */
+  runSet(template: SetTemplate, row: unknown[], lockKey: string): Promise<Rows>;
   /** Waits for everything queued and in flight. */
   drain(): Promise<void>;
 }
 
+/** One shape of statement that can run for many input rows at once. */
+export interface SetTemplate {
+  /** Statements whose templates have the same key merge. */
+  readonly key: string;
+  /** Literal SQL running the statement for all these rows (no two with the same lock key). */
+  render(rows: readonly unknown[][]): string;
+  /** The statement for one row, with the row's values as parameters `$1…`: a batch of one runs it as a named prepared statement. */
+  readonly prepared: { name: string; text: string };
+  /** The result column that holds each row's lock key. */
+  readonly keyColumn: string;
+  /** Whether the row behind the lock key already exists and is locked by the statement (false for inserts). */
+  readonly locks: boolean;
+}
+
+/** A named prepared statement and its parameters, as `pg` takes them. */
+export interface PreparedQuery {
+  name: string;
+  text: string;
+  values: unknown[];
+}
+
 /** What the batcher needs of a `pg` Pool: a multi-statement query answers with one result per statement. */
 export interface QueryPool {
-  query(sql: string): Promise<unknown>;
+  query(sql: string | PreparedQuery): Promise<unknown>;
 }
 
 export interface StatementBatcherOptions {
@@ -35,6 +65,15 @@ export interface StatementBatcherOptions {
   maxInFlight: number;
   /** Turns a driver error into the error callers see (the ORM's exception classes). */
   convertError: (e: Error) => Error;
+  /**
+   * A statement that locks the rows of these keys in one fixed order
+   * (`select … order by key for update`). A batch that changes several rows
+   * runs it first: a set-based statement locks its rows in whatever order its
+   * plan visits them, and two batches (on any instance) taking the same rows
+   * in different orders would deadlock. Statements of one row each run in key
+   * order and need no such lock.
+   */
+  lockSql?: (keys: string[]) => string;
 }
 
 type Rows = Array<Record<string, unknown>>;
@@ -57,45 +96,129 @@ function isStatementError(e: unknown): boolean {
   return err.code === "08P01" || err.code === "57014" || !/^(08|57)/.test(err.code);
 }
 
-interface Statement {
-  sql: string;
-  lockKey: string;
+/** A batch that failed before anything reached the database. */
+class NotSent extends Error {
+  constructor(cause: unknown) {
+    super("batch not sent", { cause });
+  }
 }
 
-export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertError }: StatementBatcherOptions): StatementBatcher {
+type Statement = { lockKey: string } & ({ sql: string; template?: undefined; row?: undefined } | { sql?: undefined; template: SetTemplate; row: unknown[] });
+
+/** What one statement of the query carries: a literal, or the merged rows of one template. */
+interface Unit {
+  members: number[];
+  template?: SetTemplate;
+  sql?: string;
+}
+
+/**
+ * The statements of a batch as the units of one query. A statement's round is
+ * how many earlier statements of the batch have its lock key: rounds run in
+ * order, so changes to one row keep their arrival order and a merged
+ * statement never sees the same row twice. Within a round, literals run in
+ * key order and each template's rows merge into the unit of its first one.
+ */
+function plan(statements: Statement[]): Unit[] {
+  const round: number[] = [];
+  const seen = new Map<string, number>();
+  for (const s of statements) {
+    const r = s.lockKey ? (seen.get(s.lockKey) ?? 0) : 0;
+    if (s.lockKey) seen.set(s.lockKey, r + 1);
+    round.push(r);
+  }
+  const key = (i: number) => statements[i]!.lockKey;
+  const order = statements
+    .map((_, i) => i)
+    .sort((a, b) => round[a]! - round[b]! || (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : a - b));
+  const units: Unit[] = [];
+  let currentRound = -1;
+  let merged = new Map<string, Unit>();
+  for (const i of order) {
+    if (round[i] !== currentRound) {
+      currentRound = round[i]!;
+      merged = new Map();
+    }
+    const s = statements[i]!;
+    if (!s.template) {
+      units.push({ members: [i], sql: s.sql });
+      continue;
+    }
+    let unit = merged.get(s.template.key);
+    if (!unit) {
+      unit = { members: [], template: s.template };
+      merged.set(s.template.key, unit);
+      units.push(unit);
+    }
+    unit.members.push(i);
+  }
+  for (const unit of units) {
+    if (unit.template) unit.sql = unit.template.render(unit.members.map((i) => statements[i]!.row!));
+  }
+  return units;
+}
+
+export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertError, lockSql }: StatementBatcherOptions): StatementBatcher {
   const converted = (e: unknown) => (e instanceof Error ? convertError(e) : e);
   const group = createGroupCommit<Statement, Rows>({
     maxBatch,
     maxInFlight,
     async runBatch(statements) {
-      // Key order (stable, so one row's changes keep their arrival order);
-      // the statements were issued concurrently, so any order is a valid one.
-      const key = (i: number) => statements[i]!.lockKey;
-      const order = statements.map((_, i) => i).sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : a - b));
+      let units: Unit[];
+      try {
+        units = plan(statements);
+      } catch (e: unknown) {
+        // A value no template can render (a bug, not the database's doing):
+        // nothing was sent, so each statement runs alone and only its own
+        // caller hears of it.
+        throw new NotSent(e);
+      }
+      // Units of one row each already run in key order; only a merged
+      // statement locks rows in an order of its own choosing.
+      const merged = units.some((u) => u.template?.locks && u.members.length > 1);
+      const lockKeys = merged ? [...new Set(statements.filter((s) => s.lockKey && (!s.template || s.template.locks)).map((s) => s.lockKey))] : [];
+      const lock = lockSql && lockKeys.length > 1 ? lockSql(lockKeys) : undefined;
+      const sqls = units.map((u) => u.sql!);
       let results: unknown;
       try {
-        results = await pool.query(order.map((i) => statements[i]!.sql).join(";\n"));
+        results = await pool.query((lock ? [lock, ...sqls] : sqls).join(";\n"));
       } catch (e: unknown) {
         // Keep the driver's error: retryAlone needs its SQLSTATE. Callers
         // get a converted one from runOne, or from the rejection below.
         throw isStatementError(e) ? e : converted(e);
       }
       const list = Array.isArray(results) ? results : [results];
-      const rows: Rows[] = new Array<Rows>(statements.length);
-      order.forEach((original, position) => (rows[original] = rowsOf(list[position])));
-      return rows;
+      const offset = lock ? 1 : 0;
+      const out = new Array<Rows>(statements.length);
+      units.forEach((unit, position) => {
+        const rows = rowsOf(list[position + offset]);
+        if (!unit.template) {
+          out[unit.members[0]!] = rows;
+          return;
+        }
+        const byKey = new Map<string, Rows>();
+        for (const row of rows) {
+          const k = String(row[unit.template.keyColumn]);
+          const found = byKey.get(k);
+          if (found) found.push(row);
+          else byKey.set(k, [row]);
+        }
+        for (const i of unit.members) out[i] = byKey.get(statements[i]!.lockKey) ?? [];
+      });
+      return out;
     },
-    async runOne({ sql }) {
+    async runOne(s) {
       try {
-        return rowsOf(await pool.query(sql));
+        return rowsOf(await pool.query(s.template ? { ...s.template.prepared, values: s.row } : s.sql));
       } catch (e: unknown) {
         throw converted(e);
       }
     },
-    retryAlone: isStatementError,
+    retryAlone: (e) => e instanceof NotSent || isStatementError(e),
   });
   return {
     run: (sql, lockKey = "") => group.run({ sql, lockKey }),
+    runSet: (template, row, lockKey) => group.run({ template, row, lockKey }),
     drain: () => group.drain(),
   };
 }

@@ -4,14 +4,17 @@ import { isTaskStatus, isTaskType, type JsonObject, type TaskRecord, type TaskSt
 import { uuidv7 } from "../ids.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
+import type { SetTemplate } from "./statement-batcher.js";
 
 /**
- * Hand-written SQL for the hot write paths (state transitions and inserts),
- * written with `?` placeholders and sent through the group commit: on
- * PostgreSQL with the values inlined by the ORM's own formatter, on SQLite
- * through the ORM inside the batch's transaction. It skips the ORM's query
- * building, entity hydration and identity map, which cost more CPU than the
- * database round trips themselves. Column names are those of the migrations;
+ * Hand-written SQL for the hot write paths (state transitions and inserts).
+ * It skips the ORM's query building, entity hydration and identity map,
+ * which cost more CPU than the database round trips themselves. Every write
+ * goes through a group commit. On PostgreSQL each kind of change is a
+ * set-based `SetTemplate` over arrays of values: the changes of one batch
+ * that have the same shape become ONE statement, parsed and planned once.
+ * On SQLite a change is a short unit of work with `?` placeholders inside
+ * the batch's transaction. Column names are those of the migrations;
  * `rowToRecord` maps a raw row in either dialect's value format.
  */
 
@@ -63,13 +66,13 @@ export type TaskRow = Record<string, unknown>;
 
 /**
  * How task writes reach the database, both group-committed (group-commit.ts):
- * on PostgreSQL as single statements (`batch` takes SQL with `?`
- * placeholders and its params), on SQLite as short units of work sharing one
+ * on PostgreSQL as one input row of a set-based template (`batch`, see
+ * statement-batcher.ts), on SQLite as short units of work sharing one
  * transaction (`transact`).
  */
 export type TaskWriter =
   | { dialect: "sqlite"; fork(): EntityManager; transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T> }
-  | { dialect: "postgresql"; fork(): EntityManager; batch(sql: string, params: unknown[], taskId: string): Promise<TaskRow[]> };
+  | { dialect: "postgresql"; fork(): EntityManager; batch(template: SetTemplate, row: unknown[], taskId: string): Promise<TaskRow[]> };
 
 function parseObject(text: unknown): JsonObject | null {
   if (text == null || text === "") return null;
@@ -158,6 +161,8 @@ interface Tables {
   quote(column: string): string;
   auditLogs: string;
   insertAuditSql: string;
+  /** PostgreSQL set-based templates by shape (see `templateKey`). */
+  templates: Map<string, SetTemplate>;
 }
 
 let cachedTables: WeakMap<object, Tables> | undefined;
@@ -181,6 +186,7 @@ function tables(em: EntityManager): Tables {
       quote,
       auditLogs,
       insertAuditSql: `insert into ${auditLogs} (${AUDIT_COLUMNS.map((c) => quote(c)).join(", ")}) values (${AUDIT_COLUMNS.map(() => "?").join(", ")})`,
+      templates: new Map(),
     };
     cachedTables.set(platform, found);
   }
@@ -218,38 +224,240 @@ function auditValues(spec: AuditSpec, after: TaskRecord): unknown[] {
   ];
 }
 
+/** PostgreSQL element types of the task columns, for the arrays of set-based statements. */
+type ArrayType = "text" | "int4" | "int8" | "timestamptz";
+
+const TASK_COLUMN_TYPES: Record<TaskProperty, ArrayType> = {
+  taskId: "text",
+  taskType: "text",
+  description: "text",
+  priority: "int4",
+  status: "text",
+  metadataJson: "text",
+  agentId: "text",
+  attempt: "int4",
+  maxAttempts: "int4",
+  resultJson: "text",
+  error: "text",
+  correlationId: "text",
+  seq: "int8",
+  createdAt: "timestamptz",
+  updatedAt: "timestamptz",
+  assignedAt: "timestamptz",
+  completedAt: "timestamptz",
+  failedAttempts: "int4",
+  timeoutMs: "int4",
+  leaseExpiresAt: "timestamptz",
+  runAt: "timestamptz",
+  idempotencyKey: "text",
+  requestHash: "text",
+};
+
+function arrayElement(value: unknown): string {
+  if (value === null || value === undefined) return "NULL";
+  let text: string;
+  if (value instanceof Date) text = value.toISOString();
+  else if (typeof value === "string") text = value;
+  else if (typeof value === "number") {
+    if (!Number.isFinite(value)) throw new TypeError(`cannot store the number ${value}`);
+    text = String(value);
+  } else if (typeof value === "bigint" || typeof value === "boolean") text = String(value);
+  else throw new TypeError(`cannot store a ${typeof value} in a task column`);
+  return `"${text.replace(/[\\"]/g, "\\$&")}"`;
+}
+
 /**
- * Runs `statement` (an INSERT or UPDATE on tasks ending in `returning *`)
- * and writes the audit row of the change with it, atomically. On PostgreSQL
- * that is ONE statement: the audit INSERT reads the changed row from a
- * data-modifying CTE, so a change costs one round trip and one commit instead
- * of four round trips (BEGIN, UPDATE, INSERT, COMMIT); socket writes to the
- * database were the largest single cost in the service's CPU profile.
- * SQLite has no DML in CTEs, so there the two statements are a unit of work
- * committed with whatever other units arrived meanwhile.
+ * `values` as a typed PostgreSQL array constant, e.g. `E'{"a",NULL}'::text[]`.
+ * Elements are double-quoted with `\` and `"` escaped (array syntax), and the
+ * whole is an E'' string with `\` and `'` escaped again, so the text means
+ * the same whatever `standard_conforming_strings` says.
  */
-async function withAudit(
-  db: TaskWriter,
-  em: EntityManager,
-  taskId: string,
-  statement: string,
-  params: unknown[],
-  audit: AuditSpec,
-): Promise<TaskRecord | null> {
+export function pgArray(values: readonly unknown[], type: ArrayType): string {
+  const body = `{${values.map(arrayElement).join(",")}}`;
+  return `E'${body.replace(/\\/g, "\\\\").replace(/'/g, "''")}'::${type}[]`;
+}
+
+/**
+ * The statement that locks these tasks' rows in task id order; a batch runs
+ * it before set-based statements that change several rows (see
+ * statement-batcher.ts).
+ */
+export function lockTasksSql(em: EntityManager): (taskIds: string[]) => string {
   const t = tables(em);
-  if (db.dialect === "postgresql") {
-    const q = t.quote;
-    const details = audit.withAttempt
-      ? `cast(cast(? as jsonb) || jsonb_build_object('attempt', t.${q("attempt")}) as text)`
-      : "?";
-    const sql =
-      `with t as (${statement}), a as (insert into ${t.auditLogs} (${AUDIT_COLUMNS.map((c) => q(c)).join(", ")}) ` +
-      `select ?, t.${q("task_id")}, ?, ?, ?, t.${q("status")}, coalesce(?, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} from t) ` +
-      "select * from t";
-    const detailsParam = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
-    const rows = await db.batch(sql, [...params, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, detailsParam], taskId);
-    return rows[0] ? rowToRecord(rows[0]) : null;
+  const id = t.quote("task_id");
+  // Byte order (collate "C"), the order in which the batcher sorts keys too.
+  return (taskIds) => `select 1 from ${t.tasks} where ${id} = any(${pgArray(taskIds, "text")}) order by ${id} collate "C" for update`;
+}
+
+/**
+ * The audit columns every template's input rows start with, after the task
+ * id `k`: the audit row's own id, agent, action, from-status, correlation id
+ * (null: the task's own) and details (JSON text).
+ */
+const AUDIT_INPUT = ["a_log", "a_agent", "a_action", "a_from", "a_corr", "a_details"] as const;
+
+function auditInput(taskId: string, audit: AuditSpec): unknown[] {
+  const details = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
+  return [taskId, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, details];
+}
+
+/** Column n of a template's input row, as SQL: `i.<name>` in the set-based form, `$<n+1>::<type>` in the one-row form. */
+type InputRef = (n: number) => string;
+
+let templateNames = 0;
+
+/**
+ * A statement over input rows `(k, a_log, …, v0, v1, …)`: `body` (an INSERT
+ * or UPDATE on tasks, `returning` the whole row) with the audit row of each
+ * change in the same statement, read from the data-modifying CTE. Rendered
+ * set-based for a batch (input from arrays; one statement, one plan, however
+ * many changes) and as a named prepared statement for a lone change, which
+ * PostgreSQL parses and plans once per connection.
+ */
+function setTemplate(
+  t: Tables,
+  key: string,
+  valueTypes: ArrayType[],
+  body: (ref: InputRef, from: string) => string,
+  withAttempt: boolean,
+  locks: boolean,
+): SetTemplate {
+  const q = t.quote;
+  const names = ["k", ...AUDIT_INPUT, ...valueTypes.map((_, n) => `v${n}`)];
+  const types: ArrayType[] = ["text", ...AUDIT_INPUT.map(() => "text" as const), ...valueTypes];
+  const audit = (ref: InputRef, from: string) => {
+    const details = withAttempt ? `cast(cast(${ref(6)} as jsonb) || jsonb_build_object('attempt', t.${q("attempt")}) as text)` : ref(6);
+    return (
+      `insert into ${t.auditLogs} (${AUDIT_COLUMNS.map((c) => q(c)).join(", ")}) ` +
+      `select ${ref(1)}, t.${q("task_id")}, ${ref(2)}, ${ref(3)}, ${ref(4)}, t.${q("status")}, coalesce(${ref(5)}, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} ${from}`
+    );
+  };
+  const setRef: InputRef = (n) => `i.${names[n]}`;
+  const setBody = body(setRef, " from i");
+  const setAudit = audit(setRef, `from t join i on i.k = t.${q("task_id")}`);
+  const oneRef: InputRef = (n) => `$${n + 1}::${types[n]}`;
+  return {
+    key,
+    keyColumn: "task_id",
+    locks,
+    prepared: { name: `aaos_task_${++templateNames}`, text: `with t as (${body(oneRef, "")}), a as (${audit(oneRef, `from t where t.${q("task_id")} = ${oneRef(0)}`)}) select * from t` },
+    render(rows) {
+      const arrays = types.map((type, c) => pgArray(rows.map((row) => row[c]), type));
+      return `with i as (select * from unnest(${arrays.join(", ")}) as u(${names.join(", ")})), t as (${setBody}), a as (${setAudit}) select * from t`;
+    },
+  };
+}
+
+function rawSql(value: unknown): string | undefined {
+  if (!isRaw(value)) return undefined;
+  // Templates are shared by every change of one shape; values belong in the input rows.
+  if (value.params.length > 0) throw new Error(`raw SQL with parameters cannot be part of a statement template: ${value.sql}`);
+  return value.sql;
+}
+
+/**
+ * The task columns by name, not `*`: a prepared statement whose result
+ * columns change (a later migration adding one, applied while this instance
+ * runs) fails with "cached plan must not change result type" on every
+ * execution until it is prepared again.
+ */
+function returning(t: Tables, alias: string): string {
+  return Object.values(TASK_COLUMNS)
+    .map((column) => alias + t.quote(column))
+    .join(", ");
+}
+
+/** Input columns before the values: k and the audit ones. */
+const VALUES_FROM = 1 + AUDIT_INPUT.length;
+
+/** The PostgreSQL template and input row for an UPDATE of one task (see `updateTask`). */
+function updateStatement(t: Tables, taskId: string, expected: TaskValues, set: TaskValues, audit: AuditSpec): { template: SetTemplate; row: unknown[] } {
+  const row = auditInput(taskId, audit);
+  const valueTypes: ArrayType[] = [];
+  const shape: string[] = ["u", audit.withAttempt ? "a" : ""];
+  // Each part is SQL text or the index of its value among the input columns.
+  const assignments: Array<[column: string, value: string | number]> = [];
+  const conditions: Array<[column: string, value: number | null]> = [];
+  for (const [key, value] of Object.entries(set)) {
+    if (value === undefined) continue;
+    const property = key as TaskProperty;
+    const raw = rawSql(value);
+    shape.push(raw === undefined ? `s:${key}` : `s:${key}=${raw}`);
+    if (raw === undefined) {
+      assignments.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      valueTypes.push(TASK_COLUMN_TYPES[property]);
+      row.push(value);
+    } else {
+      assignments.push([TASK_COLUMNS[property], raw]);
+    }
   }
+  for (const [key, value] of Object.entries(expected)) {
+    if (value === undefined) continue;
+    const property = key as TaskProperty;
+    if (value === null) {
+      shape.push(`e:${key}=null`);
+      conditions.push([TASK_COLUMNS[property], null]);
+    } else {
+      if (isRaw(value)) throw new Error(`an expected value must be a value, not SQL: ${key}`);
+      shape.push(`e:${key}`);
+      conditions.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      valueTypes.push(TASK_COLUMN_TYPES[property]);
+      row.push(value);
+    }
+  }
+  const key = shape.join("|");
+  let template = t.templates.get(key);
+  if (!template) {
+    const q = t.quote;
+    const body = (ref: InputRef, from: string) => {
+      const setSql = assignments.map(([column, value]) => `${q(column)} = ${typeof value === "number" ? ref(value) : value}`);
+      const where = [`x.${q("task_id")} = ${ref(0)}`, ...conditions.map(([column, value]) => (value === null ? `x.${q(column)} is null` : `x.${q(column)} = ${ref(value)}`))];
+      return `update ${t.tasks} as x set ${setSql.join(", ")}${from} where ${where.join(" and ")} returning ${returning(t, "x.")}`;
+    };
+    template = setTemplate(t, key, valueTypes, body, audit.withAttempt === true, true);
+    t.templates.set(key, template);
+  }
+  return { template, row };
+}
+
+/** The PostgreSQL template and input row for an INSERT of one task (see `insertTask`). */
+function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit: AuditSpec): { template: SetTemplate; row: unknown[] } {
+  const row = auditInput(String(values.taskId), audit);
+  const valueTypes: ArrayType[] = [];
+  const shape: string[] = ["i", audit.withAttempt ? "a" : ""];
+  const columns: Array<[column: string, value: string | number]> = [];
+  for (const [key, value] of Object.entries(values)) {
+    const property = key as TaskProperty;
+    const raw = rawSql(value);
+    shape.push(raw === undefined ? key : `${key}=${raw}`);
+    if (raw === undefined) {
+      columns.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      valueTypes.push(TASK_COLUMN_TYPES[property]);
+      row.push(value === undefined ? null : value);
+    } else {
+      columns.push([TASK_COLUMNS[property], raw]);
+    }
+  }
+  const key = shape.join("|");
+  let template = t.templates.get(key);
+  if (!template) {
+    const q = t.quote;
+    const body = (ref: InputRef, from: string) => {
+      const selected = columns.map(([, value]) => (typeof value === "number" ? ref(value) : value));
+      return `insert into ${t.tasks} (${columns.map(([column]) => q(column)).join(", ")}) select ${selected.join(", ")}${from} returning ${returning(t, "")}`;
+    };
+    template = setTemplate(t, key, valueTypes, body, audit.withAttempt === true, false);
+    t.templates.set(key, template);
+  }
+  return { template, row };
+}
+
+/**
+ * SQLite: `statement` (an INSERT or UPDATE on tasks ending in `returning *`)
+ * and the audit row of the change, as one unit of work committed with
+ * whatever other units arrived meanwhile.
+ */
+async function withAudit(db: TaskWriter & { dialect: "sqlite" }, t: Tables, statement: string, params: unknown[], audit: AuditSpec): Promise<TaskRecord | null> {
   return db.transact(async (tx) => {
     const rows = await tx.execute<TaskRow[]>(statement, params, "all");
     if (!rows[0]) return null;
@@ -272,8 +480,12 @@ export async function updateTask(
   set: TaskValues,
   audit: AuditSpec,
 ): Promise<TaskRecord | null> {
-  const em = db.fork();
-  const t = tables(em);
+  const t = tables(db.fork());
+  if (db.dialect === "postgresql") {
+    const { template, row } = updateStatement(t, taskId, expected, set, audit);
+    const rows = await db.batch(template, row, taskId);
+    return rows[0] ? rowToRecord(rows[0]) : null;
+  }
   const params: unknown[] = [];
   const assignments: string[] = [];
   for (const [key, value] of Object.entries(set)) {
@@ -292,22 +504,28 @@ export async function updateTask(
     }
   }
   const sql = `update ${t.tasks} set ${assignments.join(", ")} where ${conditions.join(" and ")} returning *`;
-  return withAudit(db, em, taskId, sql, params, audit);
+  return withAudit(db, t, sql, params, audit);
 }
 
 /** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
 export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audit: AuditSpec): Promise<TaskRecord> {
-  const em = db.fork();
-  const t = tables(em);
-  const columns: string[] = [];
-  const placeholders: string[] = [];
-  const params: unknown[] = [];
-  for (const [key, value] of Object.entries(values)) {
-    columns.push(t.quote(TASK_COLUMNS[key as TaskProperty]));
-    placeholders.push(valueSql(value === undefined ? null : value, params));
+  const t = tables(db.fork());
+  let record: TaskRecord | null;
+  if (db.dialect === "postgresql") {
+    const { template, row } = insertStatement(t, values, audit);
+    const rows = await db.batch(template, row, String(values.taskId));
+    record = rows[0] ? rowToRecord(rows[0]) : null;
+  } else {
+    const columns: string[] = [];
+    const placeholders: string[] = [];
+    const params: unknown[] = [];
+    for (const [key, value] of Object.entries(values)) {
+      columns.push(t.quote(TASK_COLUMNS[key as TaskProperty]));
+      placeholders.push(valueSql(value === undefined ? null : value, params));
+    }
+    const sql = `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`;
+    record = await withAudit(db, t, sql, params, audit);
   }
-  const sql = `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`;
-  const record = await withAudit(db, em, String(values.taskId), sql, params, audit);
   if (!record) throw new Error("insert into tasks returned no row");
   return record;
 }

@@ -5,11 +5,12 @@ import path from "node:path";
 import { MikroORM } from "@mikro-orm/core";
 import { PostgreSqlDriver } from "@mikro-orm/postgresql";
 import { NodeSqliteDialect, SqliteDriver } from "@mikro-orm/sql";
-import { afterAll, describe, expect, it } from "vitest";
+import pg from "pg";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { ENTITIES } from "../../src/persistence/entities/index.js";
 import { createPersistence, type Persistence, type PersistenceOptions } from "../../src/persistence/orm.js";
 import type { AuditEntry, NewTask } from "../../src/tasks/task-repository.js";
-import type { TaskType } from "../../src/tasks/task-types.js";
+import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskType } from "../../src/tasks/task-types.js";
 import { postgresAvailable, TEST_POSTGRES_URL, uniqueName } from "../support/services.js";
 
 /** A place to open databases in: every `fresh()` is a new, empty database cleaned up after the suite. */
@@ -607,6 +608,172 @@ for (const backend of backends) {
       expect(await db.tasks.findByIdempotencyKey("order-42")).toBeNull();
       await db.tasks.insert(clash, created(clash));
       expect((await db.tasks.findByIdempotencyKey("order-42"))!.taskId).toBe(clash.taskId);
+    });
+
+    // PostgreSQL merges the writes of one batch into set-based statements
+    // whose values travel inside array literals; text that means something in
+    // array or string-literal syntax must come back exactly as it went in.
+    it.skipIf(backend.name !== "postgresql")("keeps every field exact through merged batches of inserts, assigns and completes", async () => {
+      const db = await freshDb();
+      const hostile = [
+        `single ' double '' escaped \\' dq " escaped dq \\"`,
+        "back\\slash \\\\ two, and trailing\\",
+        "{braces},{with,commas} and } { alone",
+        "NULL",
+        "null",
+        "",
+        " ",
+        "emoji 🎉👍🏽 中文 日本語 한국어",
+        "line\nbreak\r\ntab\tend",
+        "E'\\x41' $1 ? :name ;\n-- not a comment",
+        "\u2028\u2029 separators, nbsp\u00a0",
+        "\\N",
+      ];
+      const n = 36;
+      const tasks = Array.from({ length: n }, (_, i): NewTask => {
+        const h = hostile[i % hostile.length]!;
+        return newTask({
+          taskType: TASK_TYPES[i % TASK_TYPES.length]!,
+          description: i % 5 === 0 ? h.repeat(50) : h,
+          priority: i % 11,
+          metadata: {
+            [h]: h,
+            nested: { list: [h, null, 1.5, -0.25, true, { "}{": "\\", '"': "'" }], empty: {} },
+            // JSON escapes: the column is text, so they are kept as written.
+            nul: "a\u0000b",
+            lone: "\ud800",
+          },
+          maxAttempts: 1 + (i % 4),
+          correlationId: `corr ${h} ${i}`,
+          seq: 2 ** 40 + i,
+          createdAt: later(-1000 + i),
+          timeoutMs: i % 2 === 0 ? null : 1000 * i,
+          idempotencyKey: i % 3 === 0 ? null : `key ${h} ${i}`,
+          requestHash: i % 3 === 0 ? null : `hash ${h}`,
+        });
+      });
+      const agentOf = (i: number) => `agent ${hostile[(i + 3) % hostile.length]!} ${i}`;
+      const assignCorrelation = (i: number) => (i % 2 === 0 ? null : `assign ${hostile[(i + 5) % hostile.length]!}`);
+      const resultOf = (i: number): JsonObject => ({ echo: hostile[(i + 7) % hostile.length]!, i, deep: { "quote'key": ["\\", '"', "{}", "NULL"] } });
+      const createdAudit = (task: NewTask): AuditEntry => ({ ...created(task), details: { priority: task.priority, note: task.description.slice(0, 40) } });
+
+      // Whatever the batcher sends on the pool (the ORM's own queries use checked-out clients).
+      const query = vi.spyOn(pg.Pool.prototype, "query");
+      /**
+       * Checks that the writes since call `from` went in merged statements
+       * (a query carrying several of these tasks) that all succeeded: a failed
+       * batch is re-run statement by statement as prepared statements, which
+       * would hide a value the merged form renders wrongly.
+       */
+      function expectMergedSince(from: number): void {
+        const sent: unknown[] = query.mock.calls.slice(from).map(([q]) => q);
+        expect(sent.filter((q) => typeof q !== "string")).toEqual([]);
+        const carried = sent.map((q) => tasks.filter((t) => String(q).includes(t.taskId)).length);
+        expect(Math.max(...carried)).toBeGreaterThan(1);
+      }
+      try {
+        // Each phase is issued in one turn, so it is committed in as few batches as possible.
+        const inserted = await Promise.all(tasks.map((task) => db.tasks.insert(task, createdAudit(task))));
+        expectMergedSince(0);
+
+        let mark = query.mock.calls.length;
+        const rival = "agent rival";
+        const assigns = tasks.map((task, i) => db.tasks.assign(task.taskId, agentOf(i), later(i), assignCorrelation(i), later(i + 30_000)));
+        // Issued after the real holder's, in the same turn: it finds the task assigned.
+        const rivalAssign = db.tasks.assign(tasks[1]!.taskId, rival, later(1), null, later(1 + 30_000));
+        const assigned = await Promise.all(assigns);
+        expect(await rivalAssign).toBeNull();
+        expectMergedSince(mark);
+
+        mark = query.mock.calls.length;
+        const completes = tasks.map((task, i) => db.tasks.complete(task.taskId, agentOf(i), 1, resultOf(i), later(1000 + i)));
+        // The same completion twice in one turn: a result is recorded once.
+        const duplicate = db.tasks.complete(tasks[0]!.taskId, agentOf(0), 1, { duplicate: true }, later(2000));
+        const completed = await Promise.all(completes);
+        expect([completed[0], await duplicate].filter((r) => r === null)).toHaveLength(1);
+        // Changes to one row keep the order they were issued in: the first wins.
+        expect(completed[0]).not.toBeNull();
+        expectMergedSince(mark);
+
+        for (const [i, task] of tasks.entries()) {
+          const expected: TaskRecord = {
+            taskId: task.taskId,
+            taskType: task.taskType,
+            description: task.description,
+            priority: task.priority,
+            metadata: task.metadata,
+            status: "completed",
+            agentId: agentOf(i),
+            attempt: 1,
+            maxAttempts: task.maxAttempts,
+            result: resultOf(i),
+            error: null,
+            correlationId: task.correlationId,
+            seq: task.seq,
+            createdAt: task.createdAt,
+            updatedAt: later(1000 + i),
+            assignedAt: later(i),
+            completedAt: later(1000 + i),
+            failedAttempts: 0,
+            timeoutMs: task.timeoutMs,
+            leaseExpiresAt: null,
+            runAt: null,
+            idempotencyKey: task.idempotencyKey,
+            requestHash: task.requestHash,
+          };
+          // What each write answered, and what a later read finds.
+          expect(inserted[i]).toEqual({ ...expected, status: "pending", agentId: null, attempt: 0, result: null, updatedAt: task.createdAt, assignedAt: null, completedAt: null });
+          expect(assigned[i]).toEqual({ ...expected, status: "assigned", result: null, updatedAt: later(i), completedAt: null, leaseExpiresAt: later(i + 30_000) });
+          expect(completed[i]).toEqual(expected);
+          expect(await db.tasks.get(task.taskId)).toEqual(expected);
+          expect(await db.tasks.auditTrail(task.taskId)).toEqual([
+            { ...createdAudit(task), createdAt: task.createdAt },
+            {
+              action: "task.assigned",
+              fromStatus: "pending",
+              toStatus: "assigned",
+              agentId: agentOf(i),
+              correlationId: assignCorrelation(i) ?? task.correlationId,
+              details: { attempt: 1 },
+              createdAt: later(i),
+            },
+            {
+              action: "task.completed",
+              fromStatus: "assigned",
+              toStatus: "completed",
+              agentId: agentOf(i),
+              correlationId: task.correlationId,
+              details: { attempt: 1 },
+              createdAt: later(1000 + i),
+            },
+          ]);
+        }
+        expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 0, completed: n, failed: 0, cancelled: 0 });
+      } finally {
+        query.mockRestore();
+      }
+    });
+
+    // A lone write runs as a prepared statement, which each pooled connection
+    // keeps. A newer version's migration may add a column while this instance
+    // runs (a rolling deploy); its writes must not start failing.
+    it.skipIf(backend.name !== "postgresql")("keeps writing after another instance adds a column to tasks", async () => {
+      const options = await backend.fresh();
+      const db = await openDb(options);
+      // One after another: each is a batch of one, and the pool hands out the same idle connection again.
+      const before = [];
+      for (let i = 0; i < 3; i++) before.push(await insert(db));
+      for (const task of before) expect(await db.tasks.assign(task.taskId, "agent-1", later(1), null, later(30_000))).toMatchObject({ status: "assigned" });
+
+      await backend.exec(options, "alter table tasks add column added_later text");
+      const after = [];
+      for (let i = 0; i < 3; i++) after.push(await insert(db));
+      for (const task of [...before, ...after]) {
+        const attempt = before.includes(task) ? 1 : 0;
+        const changed = attempt === 1 ? await db.tasks.complete(task.taskId, "agent-1", 1, { ok: true }, later(2)) : await db.tasks.assign(task.taskId, "agent-1", later(2), null, later(30_000));
+        expect(changed).toEqual(await db.tasks.get(task.taskId));
+        expect(changed?.status).toBe(attempt === 1 ? "completed" : "assigned");
+      }
     });
   });
 }
