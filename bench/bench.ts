@@ -558,8 +558,8 @@ async function rateRun(consumer: Consumer, shape: RateShape, send: (i: number) =
   };
 }
 
-async function oursLatency(env: Env, shape: RateShape): Promise<RateResult> {
-  const { svc, stop } = await freshService(env, "pg+redis");
+async function oursLatency(env: Env, shape: RateShape, cpuProfDir?: string): Promise<RateResult> {
+  const { svc, stop } = await freshService(env, "pg+redis", cpuProfDir);
   const consumer = new Consumer();
   const producer = new Producer(svc.address);
   try {
@@ -784,15 +784,15 @@ async function main(): Promise<void> {
     );
   }
 
-  if (sections.has("latency")) {
-    const rs: RateShape = {
+  const rs: RateShape = {
       rate: Number(cfg.rate),
       durationMs: Number(cfg.duration) * 1000,
       concurrency: Number(cfg.latencyConcurrency),
       warmup: Number(cfg.warmup),
       inFlight: Number(cfg.inFlight),
       drainMs: Number(cfg.drain) * 1000,
-    };
+  };
+  if (sections.has("latency")) {
     log(`latency pg+redis at ${rs.rate}/s for ${rs.durationMs / 1000} s`);
     const o = await oursLatency(env, rs);
     const b = withBull ? (log(`latency bullmq at ${rs.rate}/s`), await bullLatency(env, rs)) : undefined;
@@ -873,6 +873,12 @@ async function main(): Promise<void> {
       emit(`\nCPU profile of the service, ${backend} throughput run (concurrency ${cfg.profileConcurrency}, ${o.tasks} tasks, ${fmt((o.tasks * 1000) / o.elapsedMs)}/s under the profiler):`);
       emit(file ? summariseFile(path.join(dir, file), 40) : "  (no profile written)");
     }
+    const dir = mkdtempSync(path.join(env.tmp, "prof-"));
+    log(`profiling pg+redis at ${rs.rate}/s`);
+    const o = await oursLatency(env, rs, dir);
+    const file = readdirSync(dir).find((f) => f.endsWith(".cpuprofile"));
+    emit(`\nCPU profile of the service, pg+redis at ${rs.rate} tasks/s offered for ${rs.durationMs / 1000} s (${fmt(o.doneRate)}/s received under the profiler):`);
+    emit(file ? summariseFile(path.join(dir, file), 40) : "  (no profile written)");
   }
 
   emit(`\ntotal bench time ${((Date.now() - started) / 1000).toFixed(0)} s`);
