@@ -124,7 +124,8 @@ export async function buildApp(deps: AppDeps): Promise<App> {
 
   const events = deps.events ?? createLocalTaskEvents();
   const latency = new LatencyWindow();
-  const dispatcher = new Dispatcher({ tasks: persistence.tasks, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs });
+  const repairQueue = (reason: string) => reconciler.repairSoon(reason);
+  const dispatcher = new Dispatcher({ tasks: persistence.tasks, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs, repairQueue });
   const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
   sweeper.start();
   // Cleared when shutdown begins: new tasks and agents are refused so they
@@ -143,6 +144,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     retry,
     taskTimeoutMs: config.taskTimeoutMs,
     accepting: () => accepting,
+    repairQueue,
     registry: dispatcher,
   };
   // Other instances mark their agents as seen every third of a lease.
@@ -162,6 +164,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       validate: createTaskValidator(config.limits),
       idempotencyTtlMs: config.idempotencyTtlMs,
       accepting: () => accepting,
+      repairQueue,
     }),
     agents: agentService,
     metrics: createMetricsService({

@@ -35,6 +35,8 @@ export interface SessionDeps {
   taskTimeoutMs: number;
   /** False once shutdown has begun: no new sessions. */
   accepting: () => boolean;
+  /** Asks for the queue to be rebuilt from the database: a write may have left a PENDING task it does not hold. */
+  repairQueue: (reason: string) => void;
   /** Called when the session registers or closes, and when it frees a slot. */
   registry: {
     attach(session: AgentSession): void;
@@ -402,8 +404,9 @@ export class AgentSession {
       this.log.info({ task_id: task.taskId, attempt: task.attempt }, "task handed back to the queue");
       this.deps.events.publish(released);
     } catch (e: unknown) {
-      // PENDING rows are re-queued by the reconciler; an ASSIGNED one's lease expires.
+      // A PENDING row is queued by the rebuild asked for here; an ASSIGNED one's lease expires.
       this.log.error({ err: e, task_id: task.taskId }, "could not hand the task back");
+      this.deps.repairQueue("a handed-back task may not be queued");
     }
   }
 

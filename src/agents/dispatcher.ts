@@ -17,6 +17,8 @@ export interface DispatcherOptions {
   latency: LatencyWindow;
   /** Length of a lease; the sweeper renews it while the agent's session lives. */
   leaseTtlMs: number;
+  /** Asks for the queue to be rebuilt from the database: a write may have left a PENDING task it does not hold. */
+  repairQueue: (reason: string) => void;
   /** Back-off before retrying a dispatch pass that failed on the database or queue. */
   retryDelayMs?: number;
 }
@@ -165,7 +167,7 @@ export class Dispatcher {
         // Put the entry back before giving up the pass, or it would be lost
         // from the index until the next rebuild.
         failure ??= outcome.reason;
-        await this.o.queue.enqueue(entry).catch(() => undefined);
+        await this.o.queue.enqueue(entry).catch(() => this.o.repairQueue("a claimed task could not be put back"));
         continue;
       }
       const task = outcome.value;
@@ -182,6 +184,7 @@ export class Dispatcher {
           if (back) await this.o.queue.enqueue(entry);
         } catch (e: unknown) {
           failure ??= e;
+          this.o.repairQueue("a released task may not be queued");
         }
         continue;
       }

@@ -11,17 +11,26 @@ export interface ReconcilerOptions {
   clock?: () => Date;
 }
 
+/** First and longest wait between attempts of a requested repair. */
+const REPAIR_FIRST_DELAY_MS = 500;
+const REPAIR_MAX_DELAY_MS = 30_000;
+
 /**
  * Keeps the queue a faithful index of the database: rebuilds it at start,
  * when the queue signals it may have lost entries (a Redis reconnect, or a
- * refused numbering after a flush), and when a periodic check finds its data
- * gone. Every PENDING task is re-added with its original priority and seq, so
- * order is preserved; entries already present are left alone.
+ * refused numbering after a flush), when a periodic check finds its data
+ * gone, and when a write may have left a PENDING task the queue does not
+ * know (`repairSoon`). Every PENDING task is re-added with its original
+ * priority and seq, so order is preserved; entries already present are left
+ * alone.
  */
 export class Reconciler {
   private running: Promise<void> | undefined;
   private again = false;
   private timer: NodeJS.Timeout | undefined;
+  private repairTimer: NodeJS.Timeout | undefined;
+  private repairWanted = false;
+  private closed = false;
   private readonly unsubscribe: () => void;
 
   constructor(private readonly o: ReconcilerOptions) {
@@ -70,8 +79,45 @@ export class Reconciler {
     return this.running;
   }
 
+  /**
+   * Rebuilds shortly, and keeps trying (with growing waits) until a rebuild
+   * succeeds. For writes whose outcome left the queue behind the database:
+   * a task made PENDING whose queue entry was refused (Redis up but refusing
+   * writes, which no reconnect will announce), or an insert whose commit is
+   * unknown because the connection failed. Requests while one is pending
+   * share it.
+   */
+  repairSoon(reason: string): void {
+    if (this.closed) return;
+    // A request during a rebuild may be about a row that rebuild already
+    // missed, so it asks for one more.
+    this.repairWanted = true;
+    if (!this.repairTimer) this.scheduleRepair(reason, REPAIR_FIRST_DELAY_MS);
+  }
+
+  private scheduleRepair(reason: string, delayMs: number): void {
+    this.repairTimer = setTimeout(() => {
+      this.repairWanted = false;
+      this.run(reason).then(
+        () => this.afterRepair(reason, REPAIR_FIRST_DELAY_MS),
+        () => {
+          this.repairWanted = true;
+          this.afterRepair(reason, Math.min(delayMs * 2, REPAIR_MAX_DELAY_MS));
+        },
+      );
+    }, delayMs);
+    this.repairTimer.unref();
+  }
+
+  private afterRepair(reason: string, nextDelayMs: number): void {
+    this.repairTimer = undefined;
+    if (this.repairWanted && !this.closed) this.scheduleRepair(reason, nextDelayMs);
+  }
+
   /** Safe to call twice. */
   close(): void {
+    this.closed = true;
+    clearTimeout(this.repairTimer);
     clearInterval(this.timer);
     this.unsubscribe();
   }

@@ -19,6 +19,8 @@ export interface TaskServiceOptions {
   idempotencyTtlMs: number;
   /** False once shutdown has begun: new work is refused so it can land on a live instance. */
   accepting: () => boolean;
+  /** Asks for the queue to be rebuilt from the database: a write may have left a PENDING task it does not hold. */
+  repairQueue: (reason: string) => void;
   clock?: () => Date;
 }
 
@@ -78,7 +80,7 @@ export type TaskService = ReturnType<typeof createTaskService>;
  * Task use cases shared by every transport. The database row is written first
  * and is the source of truth; the queue is only an index of runnable work.
  */
-export function createTaskService({ tasks, queue, events, validate, idempotencyTtlMs, accepting, clock = () => new Date() }: TaskServiceOptions) {
+export function createTaskService({ tasks, queue, events, validate, idempotencyTtlMs, accepting, repairQueue, clock = () => new Date() }: TaskServiceOptions) {
   async function getOrThrow(taskId: string): Promise<TaskRecord> {
     if (!UUID.test(taskId)) throw notFound("task", taskId);
     const task = await tasks.get(taskId).catch((e: unknown) => Promise.reject(toConnectError(e)));
@@ -142,6 +144,9 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
           const original = await replayOf(valid.idempotencyKey, hash!);
           if (original) return original;
         }
+        // A lost connection leaves the commit unknown: if the row made it,
+        // it must still reach the queue.
+        if (err.code !== Code.AlreadyExists) repairQueue("a task insert failed; it may have committed");
         throw err;
       }
       try {
@@ -149,8 +154,9 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
       } catch (e: unknown) {
         ctx.log.warn({ err: e, task_id: taskId }, "queue refused the task; removing it");
         await tasks.deleteUnqueued(taskId).catch((err: unknown) => {
-          // The row stays PENDING; the start-up rebuild will queue it.
+          // The row stays PENDING: it runs once a rebuild queues it.
           ctx.log.error({ err, task_id: taskId }, "could not remove unqueued task");
+          repairQueue("a task the queue refused could not be removed");
         });
         throw unavailable("the task queue is unavailable; the task was not created", e);
       }
@@ -207,8 +213,9 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
       const task = before.status === "failed" ? await tasks.retry(taskId, clock(), ctx.correlationId).catch((e: unknown) => Promise.reject(toConnectError(e))) : null;
       if (!task) throw failedPrecondition(`task ${taskId} is ${(await getOrThrow(taskId)).status}; only a failed task can be retried`);
       await queue.enqueue({ taskId, taskType: task.taskType, priority: task.priority, seq: task.seq }).catch((e: unknown) => {
-        // The row is PENDING; the reconciler queues it once the queue is back.
+        // The row is PENDING; a rebuild queues it once the queue takes writes again.
         ctx.log.warn({ err: e, task_id: taskId }, "could not queue the retried task yet");
+        repairQueue("the queue refused a retried task");
       });
       ctx.log.info({ task_id: taskId }, "task retried");
       events.publish(task);

@@ -20,6 +20,7 @@ import {
   sharedServices,
   summarize,
   taskRpc,
+  taskRow,
   scenarioPerTest,
 } from "./harness.js";
 
@@ -74,6 +75,38 @@ describe("backend faults on postgres+redis", () => {
     s.onCleanup(() => clearInterval(timer));
     await agent.waitForFrame("completion_ack", 1 + PRIORITIES.length, 15_000);
     expect(agent.assignments.map((a) => a.taskId)).toEqual([running, ...runOrder(ids)]);
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+
+  it.skipIf(!privateRedisOk)("Redis refusing writes (maxmemory): creates 503 with nothing written; a retried task the queue refused runs once Redis takes writes again", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("Redis refusing writes");
+    const server = await s.startServer();
+    const agent = await s.agent(server);
+    const id = await s.createTask(server, { description: "fails, then is retried while Redis refuses writes" });
+    await agent.waitForFrame("task_assignment");
+    agent.fail(id, "fatal", false);
+    await eventually(async () => (await taskRow(s, id))?.status === "failed", 10_000, "task FAILED");
+
+    // Redis stays up and connected but refuses writes: no reconnect will
+    // announce that the queue fell behind the database.
+    const admin = new Redis(redis.url);
+    s.onCleanup(() => admin.disconnect());
+    await admin.config("SET", "maxmemory", "1");
+    const refused = await postTask(server, { description: "created while Redis refuses writes" });
+    expect(refused.status, JSON.stringify(refused.body)).toBe(503);
+    expect((await s.backend.books.tasks()).map((t) => t.task_id)).toEqual([id]);
+    const retried = await fetch(`${server.url}/tasks/${id}/retry`, { method: "POST" });
+    expect(retried.status).toBe(200);
+    expect((await taskRow(s, id))?.status).toBe("pending");
+    expect(await queueDepth(server)).toBe(0);
+
+    await admin.config("SET", "maxmemory", "0");
+    // Nothing else happens on its own: only the rebuild the refusal asked for can queue it.
+    await agent.waitForFrame("task_assignment", 2, 15_000);
+    expect(agent.assignments.map((a) => a.taskId)).toEqual([id, id]);
+    agent.complete(id, { ok: "after the refusal" });
+    await agent.waitForFrame("completion_ack");
     await checkBooks(s, { servers: [server] });
     await summarize(s);
   });
