@@ -400,11 +400,20 @@ export class AgentSession {
     try {
       const released = await this.deps.tasks.release(task.taskId, this.agentId, task.attempt, SERVER_SHUTDOWN, now);
       if (!released) return;
-      await this.deps.queue.enqueue({ taskId: released.taskId, taskType: released.taskType, priority: released.priority, seq: released.seq });
-      this.log.info({ task_id: task.taskId, attempt: task.attempt }, "task handed back to the queue");
       this.deps.events.publish(released);
+      try {
+        await this.deps.queue.enqueue({ taskId: released.taskId, taskType: released.taskType, priority: released.priority, seq: released.seq });
+      } catch (e: unknown) {
+        // This instance is going away, so a rebuild here would come too
+        // late: mark it due, and any instance's sweeper queues it.
+        this.log.error({ err: e, task_id: task.taskId }, "the queue refused a handed-back task; leaving it to the sweepers");
+        await this.deps.tasks.queueLater(released.taskId, now);
+        return;
+      }
+      this.log.info({ task_id: task.taskId, attempt: task.attempt }, "task handed back to the queue");
     } catch (e: unknown) {
-      // A PENDING row is queued by the rebuild asked for here; an ASSIGNED one's lease expires.
+      // Not released: its lease, never renewed, expires. Released but not
+      // marked due: only a rebuild (a restart, a Redis reset) queues it.
       this.log.error({ err: e, task_id: task.taskId }, "could not hand the task back");
       this.deps.repairQueue("a handed-back task may not be queued");
     }

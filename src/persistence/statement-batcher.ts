@@ -70,8 +70,10 @@ export interface StatementBatcherOptions {
    * (`select … order by key for update`). A batch that changes several rows
    * runs it first: a set-based statement locks its rows in whatever order its
    * plan visits them, and two batches (on any instance) taking the same rows
-   * in different orders would deadlock. Statements of one row each run in key
-   * order and need no such lock.
+   * in different orders would deadlock. So would a batch that changes one
+   * row twice: its rounds (see `plan`) leave key order, and a compare-and-set
+   * that matched nothing in round 0 took no lock. Statements of one row each,
+   * on distinct rows, run in key order and need no such lock.
    */
   lockSql?: (keys: string[]) => string;
 }
@@ -159,6 +161,12 @@ function plan(statements: Statement[]): Unit[] {
 }
 
 export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertError, lockSql }: StatementBatcherOptions): StatementBatcher {
+  const generations = new WeakMap<SetTemplate, number>();
+  const preparedOf = (template: SetTemplate) => {
+    const generation = generations.get(template);
+    return generation === undefined ? template.prepared : { name: `${template.prepared.name}_${generation}`, text: template.prepared.text };
+  };
+  const prepareAgain = (template: SetTemplate) => generations.set(template, (generations.get(template) ?? 0) + 1);
   const converted = (e: unknown) => (e instanceof Error ? convertError(e) : e);
   const group = createGroupCommit<Statement, Rows>({
     maxBatch,
@@ -168,16 +176,19 @@ export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertErr
       try {
         units = plan(statements);
       } catch (e: unknown) {
-        // A value no template can render (a bug, not the database's doing):
-        // nothing was sent, so each statement runs alone and only its own
-        // caller hears of it.
+        // A value the set form cannot render (a bug, not the database's
+        // doing): nothing was sent, so each statement runs alone, as a
+        // prepared statement with its values as parameters, and any error
+        // reaches only its own caller.
         throw new NotSent(e);
       }
       // Units of one row each already run in key order; only a merged
       // statement locks rows in an order of its own choosing.
+      const locking = statements.filter((s) => s.lockKey && (!s.template || s.template.locks)).map((s) => s.lockKey);
+      const lockKeys = [...new Set(locking)];
       const merged = units.some((u) => u.template?.locks && u.members.length > 1);
-      const lockKeys = merged ? [...new Set(statements.filter((s) => s.lockKey && (!s.template || s.template.locks)).map((s) => s.lockKey))] : [];
-      const lock = lockSql && lockKeys.length > 1 ? lockSql(lockKeys) : undefined;
+      const repeated = locking.length > lockKeys.length;
+      const lock = lockSql && lockKeys.length > 1 && (merged || repeated) ? lockSql(lockKeys) : undefined;
       const sqls = units.map((u) => u.sql!);
       let results: unknown;
       try {
@@ -209,7 +220,17 @@ export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertErr
     },
     async runOne(s) {
       try {
-        return rowsOf(await pool.query(s.template ? { ...s.template.prepared, values: s.row } : s.sql));
+        if (!s.template) return rowsOf(await pool.query(s.sql));
+        try {
+          return rowsOf(await pool.query({ ...preparedOf(s.template), values: s.row }));
+        } catch (e: unknown) {
+          // 0A000: a migration changed a column's type under the prepared
+          // statement, which then fails on every execution on every
+          // connection that prepared it. A new name prepares it afresh.
+          if ((e as { code?: unknown }).code !== "0A000") throw e;
+          prepareAgain(s.template);
+          return rowsOf(await pool.query({ ...preparedOf(s.template), values: s.row }));
+        }
       } catch (e: unknown) {
         throw converted(e);
       }

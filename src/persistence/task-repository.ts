@@ -270,6 +270,10 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
       return rows.map(toRecord);
     },
 
+    async queueLater(taskId, at) {
+      await deps.fork().nativeUpdate(Task, { taskId, status: "pending", runAt: null }, { runAt: at });
+    },
+
     async markQueued(taskIds) {
       if (taskIds.length === 0) return;
       // A row locked by a write in flight is skipped: the next sweep finds it

@@ -78,6 +78,11 @@ export interface TaskRepository {
   listDueRetries(now: Date, limit: number): Promise<TaskRecord[]>;
   /** Marks due retries as queued (clears run_at) so later sweeps skip them. */
   markQueued(taskIds: readonly string[]): Promise<void>;
+  /**
+   * Leaves a PENDING task the queue refused to any instance's sweeper: sets
+   * run_at to `at` (so it is a due retry) unless it already has one.
+   */
+  queueLater(taskId: string, at: Date): Promise<void>;
   findByIdempotencyKey(key: string): Promise<TaskRecord | null>;
   /** Frees a key whose retention window has passed, so it can be used again. */
   releaseIdempotencyKey(taskId: string, key: string): Promise<void>;

@@ -144,9 +144,9 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
           const original = await replayOf(valid.idempotencyKey, hash!);
           if (original) return original;
         }
-        // A lost connection leaves the commit unknown: if the row made it,
-        // it must still reach the queue.
-        if (err.code !== Code.AlreadyExists) repairQueue("a task insert failed; it may have committed");
+        // A lost connection (or a failure we cannot classify) leaves the
+        // commit unknown: if the row made it, it must still reach the queue.
+        if (err.code === Code.Unavailable || err.code === Code.Internal) repairQueue("a task insert failed; it may have committed");
         throw err;
       }
       try {

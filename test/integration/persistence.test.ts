@@ -369,6 +369,24 @@ for (const backend of backends) {
       expect(trail[4]!.details).toEqual({ attempt: 2, error: "boom" });
     });
 
+    it("queueLater makes a pending task the queue refused a due retry, without moving an existing run_at or touching other states", async () => {
+      const db = await freshDb();
+      const refused = await insert(db);
+      const scheduled = newTask({ maxAttempts: 3 });
+      await db.tasks.insert(scheduled, created(scheduled));
+      await db.tasks.assign(scheduled.taskId, "agent-1", later(1), null, later(30_000));
+      await db.tasks.retryOrFail(scheduled.taskId, "agent-1", 1, "boom", later(2), later(900));
+      const held = await insert(db);
+      await db.tasks.assign(held.taskId, "agent-1", later(1), null, later(30_000));
+
+      for (const t of [refused, scheduled, held]) await db.tasks.queueLater(t.taskId, later(5));
+      expect(await db.tasks.listDueRetries(later(5), 10).then((ts) => ts.map((t) => t.taskId))).toEqual([refused.taskId]);
+      expect((await db.tasks.get(scheduled.taskId))!.runAt).toEqual(later(900));
+      expect(await db.tasks.get(held.taskId)).toMatchObject({ status: "assigned", runAt: null });
+      // Not a state change: no audit row.
+      expect((await db.tasks.auditTrail(refused.taskId)).map((a) => a.action)).toEqual(["task.created"]);
+    });
+
     it("cancel works from pending and from assigned, and from nothing else", async () => {
       const db = await freshDb();
       const pending = await insert(db);

@@ -472,6 +472,28 @@ describe.skipIf(!postgresAvailable)("statement batcher on PostgreSQL", () => {
     }
   });
 
+  it("prepares a lone statement afresh when a migration changed a column's type under it", async () => {
+    const items = await itemsTable();
+    await pool.query(`insert into ${items} (k, v) values ('a', 1)`);
+    const client = await pool.connect();
+    try {
+      const db = watched(client);
+      const b = batcher(db);
+      const add = templates.add(items);
+      expect(await b.runSet(add, ["a", 1], "a")).toEqual([{ k: "a", v: 2 }]);
+      // Another instance's migration: the statement's result type changes,
+      // and PostgreSQL refuses the cached plan on every later execution.
+      await pool.query(`alter table ${items} alter column v type bigint`);
+      expect(await b.runSet(add, ["a", 1], "a")).toEqual([{ k: "a", v: "3" }]);
+      expect(await b.runSet(add, ["a", 1], "a")).toEqual([{ k: "a", v: "4" }]);
+      const names = db.sent.map((q) => (typeof q === "string" ? q : q.name));
+      expect(names).toEqual([add.prepared.name, add.prepared.name, `${add.prepared.name}_1`, `${add.prepared.name}_1`]);
+      expect(await contents(items)).toEqual([["a", "4"]]);
+    } finally {
+      client.release(true);
+    }
+  });
+
   it("applies several changes to one row of one batch, each once and in the order issued", async () => {
     const items = await itemsTable();
     await pool.query(`insert into ${items} (k, v) values ('a', 0), ('b', 0), ('c', 0)`);
@@ -548,7 +570,12 @@ describe.skipIf(!postgresAvailable)("statement batcher on PostgreSQL", () => {
     expect(await queriesFor(b.runSet(add, ["c", 1], "c"))).toEqual([{ name: add.prepared.name, text: add.prepared.text, values: ["c", 1] }]);
     // Only the first batch asked for the lock.
     expect(locked).toHaveLength(1);
-    expect(await contents(items)).toEqual([["a", 7], ["b", 2], ["c", 2], ["x", 1], ["y", 1], ["z", 9]]);
+    // One row changed twice beside another: the second round leaves key
+    // order (a, b, then a again), so the batch locks both rows first.
+    expect(sizes(await queriesFor(b.runSet(add, ["a", 1], "a"), b.runSet(add, ["b", 1], "b"), b.runSet(set, ["a", 7], "a")))).toEqual([3]);
+    expect(locked).toHaveLength(2);
+    expect([...locked[1]!].sort()).toEqual(["a", "b"]);
+    expect(await contents(items)).toEqual([["a", 7], ["b", 3], ["c", 2], ["x", 1], ["y", 1], ["z", 9]]);
   });
 
   it("with lockSql, two batches whose merged statements take the same rows in opposite orders do not deadlock", async () => {
