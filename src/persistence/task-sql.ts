@@ -193,6 +193,18 @@ function tables(em: EntityManager): Tables {
   return found;
 }
 
+const tablesByWriter = new WeakMap<TaskWriter, Tables>();
+
+/** `tables` for a writer, without forking an EntityManager on every write. */
+function tablesOf(db: TaskWriter): Tables {
+  let found = tablesByWriter.get(db);
+  if (!found) {
+    found = tables(db.fork());
+    tablesByWriter.set(db, found);
+  }
+  return found;
+}
+
 /** The quoted, schema-qualified `tasks` table, for hand-written statements elsewhere. */
 export function tasksTable(em: EntityManager): string {
   return tables(em).tasks;
@@ -480,7 +492,7 @@ export async function updateTask(
   set: TaskValues,
   audit: AuditSpec,
 ): Promise<TaskRecord | null> {
-  const t = tables(db.fork());
+  const t = tablesOf(db);
   if (db.dialect === "postgresql") {
     const { template, row } = updateStatement(t, taskId, expected, set, audit);
     const rows = await db.batch(template, row, taskId);
@@ -509,7 +521,7 @@ export async function updateTask(
 
 /** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
 export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audit: AuditSpec): Promise<TaskRecord> {
-  const t = tables(db.fork());
+  const t = tablesOf(db);
   let record: TaskRecord | null;
   if (db.dialect === "postgresql") {
     const { template, row } = insertStatement(t, values, audit);
