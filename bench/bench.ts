@@ -5,7 +5,7 @@
  * Every knob is a flag (`--tasks=20000`) or an env var (`BENCH_TASKS=20000`);
  * `--help` lists them. See bench/README.md.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
@@ -47,6 +47,7 @@ const KNOBS = {
   sections: { flag: "sections", env: "BENCH_SECTIONS", def: "throughput,latency,embedded,idle,deep", help: "which parts to run" },
   bullmq: { flag: "bullmq", env: "BENCH_BULLMQ", def: "1", help: "run the BullMQ side (0 to skip)" },
   profile: { flag: "profile", env: "BENCH_PROFILE", def: "0", help: "1: extra throughput runs under --cpu-prof, summarised" },
+  profileDir: { flag: "profile-dir", env: "BENCH_PROFILE_DIR", def: "", help: "with --profile=1: also keep the raw .cpuprofile files here (open them in Chrome DevTools)" },
   profileConcurrency: { flag: "profile-concurrency", env: "BENCH_PROFILE_CONCURRENCY", def: "10", help: "concurrency of the profiled runs" },
   service: { flag: "service", env: "BENCH_SERVICE_MAIN", def: "dist/src/main.js", help: "the service entry point to run (e.g. a build of another commit)" },
   postgres: { flag: "postgres", env: "BENCH_POSTGRES_URL", def: "postgresql://postgres@127.0.0.1:5432/test", help: "PostgreSQL to create the bench database in" },
@@ -865,18 +866,26 @@ async function main(): Promise<void> {
   }
 
   if (cfg.profile !== "0") {
+    const keepProfile = (dir: string, name: string): string | undefined => {
+      const file = readdirSync(dir).find((f) => f.endsWith(".cpuprofile"));
+      if (file && cfg.profileDir) {
+        mkdirSync(cfg.profileDir, { recursive: true });
+        copyFileSync(path.join(dir, file), path.join(cfg.profileDir, `${name}-${RUN_ID}.cpuprofile`));
+      }
+      return file;
+    };
     for (const backend of ["pg+redis", "embedded"] as const) {
       const dir = mkdtempSync(path.join(env.tmp, "prof-"));
       log(`profiling ${backend}, concurrency ${cfg.profileConcurrency}`);
       const o = await oursThroughput(env, backend, shape(Number(cfg.profileConcurrency)), dir);
-      const file = readdirSync(dir).find((f) => f.endsWith(".cpuprofile"));
+      const file = keepProfile(dir, `throughput-${backend}`);
       emit(`\nCPU profile of the service, ${backend} throughput run (concurrency ${cfg.profileConcurrency}, ${o.tasks} tasks, ${fmt((o.tasks * 1000) / o.elapsedMs)}/s under the profiler):`);
       emit(file ? summariseFile(path.join(dir, file), 40) : "  (no profile written)");
     }
     const dir = mkdtempSync(path.join(env.tmp, "prof-"));
     log(`profiling pg+redis at ${rs.rate}/s`);
     const o = await oursLatency(env, rs, dir);
-    const file = readdirSync(dir).find((f) => f.endsWith(".cpuprofile"));
+    const file = keepProfile(dir, `latency-${rs.rate}`);
     emit(`\nCPU profile of the service, pg+redis at ${rs.rate} tasks/s offered for ${rs.durationMs / 1000} s (${fmt(o.doneRate)}/s received under the profiler):`);
     emit(file ? summariseFile(path.join(dir, file), 40) : "  (no profile written)");
   }

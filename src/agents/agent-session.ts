@@ -62,6 +62,14 @@ export class AgentSession {
   maxConcurrency = 1;
   /** Held leases: task id → the task as assigned (its attempt is the fencing token). */
   readonly held = new Map<string, TaskRecord>();
+  /**
+   * Held tasks whose result is being recorded. The agent is done with them,
+   * so they no longer take a slot: its next task is claimed and leased while
+   * the result commits, instead of one commit later. They stay in `held`
+   * (their leases are still renewed and given up on close) until the result
+   * is recorded; if recording fails they take their slot again.
+   */
+  private readonly settling = new Set<string>();
   lastSeen: Date;
   readonly connectedAt: Date;
   private chain: Promise<void> = Promise.resolve();
@@ -82,7 +90,7 @@ export class AgentSession {
   }
 
   get freeSlots(): number {
-    return this.state === "active" ? this.maxConcurrency - this.held.size : 0;
+    return this.state === "active" ? this.maxConcurrency - this.held.size + this.settling.size : 0;
   }
 
   /**
@@ -139,16 +147,36 @@ export class AgentSession {
         }),
       );
     }
+    let settled = false;
     const recorded: Promise<void> = admitted
-      .then(() => (message.type === "task_complete" ? this.complete(message) : this.fail(message)))
+      .then(() => {
+        settled = this.settle(message.taskId, message.attempt ?? 0);
+        return message.type === "task_complete" ? this.complete(message) : this.fail(message);
+      })
       .catch((e: unknown) => this.reportFailure(e))
       .finally(() => {
+        if (settled) this.settling.delete(message.taskId);
         this.recording--;
         this.results?.delete(recorded);
         this.waitingForPlace?.shift()?.();
       });
     (this.results ??= new Set()).add(recorded);
     return admitted;
+  }
+
+  /** Frees the slot of a held task whose result for the current attempt is about to be recorded. */
+  private settle(taskId: string, attempt: number): boolean {
+    const lease = this.held.get(taskId);
+    if (!lease || (attempt !== 0 && attempt !== lease.attempt) || this.settling.has(taskId) || this.state !== "active") return false;
+    this.settling.add(taskId);
+    this.slotFreed();
+    return true;
+  }
+
+  /** The task is no longer held; frees its slot unless settling already did. */
+  private forget(taskId: string): void {
+    if (!this.held.delete(taskId)) return;
+    if (!this.settling.delete(taskId)) this.slotFreed();
   }
 
   private reportFailure(e: unknown): void {
@@ -227,9 +255,9 @@ export class AgentSession {
 
   /** The task was cancelled elsewhere: tell the agent and free the slot. */
   cancelled(taskId: string): void {
-    if (!this.held.delete(taskId)) return;
+    if (!this.held.has(taskId)) return;
+    this.forget(taskId);
     this.send({ type: "task_cancelled", taskId });
-    this.slotFreed();
   }
 
   private async complete(message: Extract<AgentMessage, { type: "task_complete" }>): Promise<void> {
@@ -239,11 +267,10 @@ export class AgentSession {
       ? await this.deps.tasks.complete(message.taskId, this.agentId, attempt, message.result, this.deps.clock())
       : null;
     if (done) {
-      this.held.delete(message.taskId);
       this.send({ type: "completion_ack", taskId: message.taskId });
       this.log.info({ task_id: message.taskId, attempt, correlation_id: done.correlationId }, "task completed");
       this.deps.events.publish(done);
-      this.slotFreed();
+      this.forget(message.taskId);
       return;
     }
     await this.refuseResult(message.taskId, attempt, "completed");
@@ -260,14 +287,13 @@ export class AgentSession {
         ? await this.deps.tasks.fail(message.taskId, this.agentId, attempt, error, now)
         : await this.deps.tasks.retryOrFail(message.taskId, this.agentId, attempt, error, now, this.retryAt(lease, now));
     if (failed) {
-      this.held.delete(message.taskId);
       this.send({ type: "completion_ack", taskId: message.taskId });
       this.log.info(
         { task_id: message.taskId, attempt, error, retryable: message.retryable !== false, status: failed.status, correlation_id: failed.correlationId },
         failed.status === "failed" ? "task failed" : "task attempt failed; retry scheduled",
       );
       this.deps.events.publish(failed);
-      this.slotFreed();
+      this.forget(message.taskId);
       return;
     }
     // A repeat of a failure we recorded: the task has moved on (retry or FAILED).
@@ -296,7 +322,8 @@ export class AgentSession {
    */
   expireOverdue(now: Date): void {
     for (const task of this.held.values()) {
-      if (this.deadlineOf(task) > now.getTime()) continue;
+      // A result on its way to the database decides this attempt, not the clock.
+      if (this.deadlineOf(task) > now.getTime() || this.settling.has(task.taskId)) continue;
       this.held.delete(task.taskId);
       this.send({ type: "task_cancelled", taskId: task.taskId });
       const limit = task.timeoutMs ?? this.deps.taskTimeoutMs;
@@ -337,8 +364,7 @@ export class AgentSession {
       // The lease this session holds is really gone (e.g. cancelled in the
       // same instant): forget it. A stale result for an older attempt must
       // not cost the current lease.
-      this.held.delete(taskId);
-      this.slotFreed();
+      this.forget(taskId);
     }
     const why = !task
       ? `task ${taskId} does not exist`
@@ -389,6 +415,7 @@ export class AgentSession {
         else await this.giveUp(task, `agent lost: ${reason}`, now);
       }
       this.held.clear();
+      this.settling.clear();
       await this.deps.agents.setStatus(this.agentId, "disconnected", now).catch((e: unknown) => this.log.warn({ err: e }, "could not mark agent disconnected"));
       this.log.info({ reason }, "agent session closed");
     });

@@ -6,6 +6,8 @@
  */
 import { afterEach, describe, expect, it } from "vitest";
 import * as grpc from "@grpc/grpc-js";
+import pg from "pg";
+import { TEST_POSTGRES_URL } from "../support/services.js";
 import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
 import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
 
@@ -31,6 +33,25 @@ const start = async (...args: Parameters<typeof startServer>) => {
 const track = <T extends TestAgent>(a: T) => (agents.push(a), a);
 
 describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) => {
+  /** An agent with one slot, three queued tasks in priority order, and the first of them assigned. */
+  async function oneSlotThreeTasks() {
+    const s = await start(name);
+    const a = track(await GrpcAgent.connect(s.port, { capabilities: ["analysis"], maxConcurrency: 1 }));
+    const ids: string[] = [];
+    for (const p of [9, 8, 7]) ids.push((await post(s, "/tasks", { task_type: "analysis", description: `in order ${p}`, priority: p })).body.task_id);
+    await a.waitForFrame("task_assignment");
+    return { s, a, ids };
+  }
+
+  /** Holds one task's row lock in an open transaction on a connection of the test's own. */
+  async function lockRow(s: TestServer, taskId: string): Promise<pg.Client> {
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    await blocker.query("BEGIN");
+    await blocker.query(`SELECT 1 FROM "${s.data.schema}".tasks WHERE task_id = $1 FOR UPDATE`, [taskId]);
+    return blocker;
+  }
+
   it.skipIf(!available)("a retryable failure comes back after a backoff at its priority; the next attempt completes", async () => {
     const s = await start(name, { env: FAST });
     const a = track(await WsAgent.connect(s.port, { capabilities: ["qa"] }));
@@ -121,6 +142,66 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     tc.close();
     const counts = await s.persistence.tasks.countByStatus();
     expect(counts.pending).toBe(3);
+  });
+
+  it.skipIf(!available || name === "embedded")("an agent's next task is leased while its last result commits, never past max_concurrency", async () => {
+    const { s, a, ids } = await oneSlotThreeTasks();
+    expect(a.assignments.map((x) => x.taskId)).toEqual([ids[0]]);
+    // Hold the first task's row, so recording its result has to wait.
+    const blocker = await lockRow(s, ids[0]!);
+    try {
+      a.complete(ids[0]!, { first: true });
+      await a.waitForFrame("task_assignment", 2);
+      expect(a.assignments.map((x) => x.taskId)).toEqual([ids[0], ids[1]]);
+      expect(a.frames.some((f) => f.type === "completion_ack")).toBe(false);
+      expect((await getTask(s, ids[0]!)).status).toBe("assigned");
+      // The first task no longer takes the slot, the second does: no third.
+      await new Promise((r) => setTimeout(r, 300));
+      expect(a.assignments).toHaveLength(2);
+      await blocker.query("COMMIT");
+    } finally {
+      await blocker.end();
+    }
+    await a.waitForFrame("completion_ack");
+    expect(await getTask(s, ids[0]!)).toMatchObject({ status: "completed", result: { first: true } });
+    expect(a.assignments).toHaveLength(2);
+    a.complete(ids[1]!, {});
+    await a.waitForFrame("task_assignment", 3);
+    expect(a.assignments[2]!.taskId).toBe(ids[2]);
+  });
+
+  it.skipIf(!available || name === "embedded")("a result that could not be recorded takes its slot back until the agent sends it again", async () => {
+    const { s, a, ids } = await oneSlotThreeTasks();
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(`SELECT 1 FROM "${s.data.schema}".tasks WHERE task_id = $1 FOR UPDATE`, [ids[0]]);
+      a.complete(ids[0]!, { first: true });
+      await a.waitForFrame("task_assignment", 2);
+      // The connection recording the result dies: whether it committed is unknown to the service.
+      const waiting = await eventually(async () => {
+        const r = await blocker.query("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%tasks%' AND pid <> pg_backend_pid()");
+        return r.rows.length === 1 ? (r.rows[0] as { pid: number }).pid : null;
+      }, 5000, "the result's statement waiting on the row lock");
+      await blocker.query("SELECT pg_terminate_backend($1)", [waiting]);
+      await a.waitFor((x) => x.frames.some((f) => f.type === "error"), 5000, "the result refused");
+      await blocker.query("ROLLBACK");
+    } finally {
+      await blocker.end();
+    }
+    expect((await getTask(s, ids[0]!)).status).toBe("assigned");
+    // The agent still holds the first task as far as the service knows, so
+    // finishing the second frees no slot for the third.
+    a.complete(ids[1]!, {});
+    await a.waitForFrame("completion_ack");
+    await new Promise((r) => setTimeout(r, 300));
+    expect(a.assignments).toHaveLength(2);
+    a.complete(ids[0]!, { first: true });
+    await a.waitForFrame("completion_ack", 2);
+    await a.waitForFrame("task_assignment", 3);
+    expect(a.assignments[2]!.taskId).toBe(ids[2]);
+    expect(await getTask(s, ids[0]!)).toMatchObject({ status: "completed", result: { first: true } });
   });
 
   it.skipIf(!available)("a lease nobody renews (its holder's instance died) expires and the task runs elsewhere", async () => {
