@@ -1,10 +1,19 @@
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
-import { TaskListeners, type TaskEvents } from "../tasks/task-events.js";
+import { TaskListeners, type TaskEvents, type TaskState } from "../tasks/task-events.js";
 import { isTaskStatus, type TaskRecord } from "../tasks/task-types.js";
 import type { QueueLog } from "./in-process-queue.js";
 
-/** One change on the wire: origin instance, task id, status, agent, attempt, updated_at (epoch ms). */
+type DateKey = { [K in keyof TaskState]: TaskState[K] extends Date | null ? K : never }[keyof TaskState];
+/** Every date field of a task state; the type makes a new one impossible to miss. */
+const DATE_KEYS = Object.keys({ createdAt: 1, updatedAt: 1, assignedAt: 1, completedAt: 1, leaseExpiresAt: 1, runAt: 1 } satisfies Record<DateKey, 1>) as DateKey[];
+type WireState = Omit<TaskState, DateKey> & { [K in DateKey]: number | null };
+
+/**
+ * One change on the wire: origin instance, task id, status, agent, attempt,
+ * updated_at (epoch ms), and the state as committed (dates as epoch ms).
+ * Instances that predate `t` read the rest and re-read the task.
+ */
 interface WireChange {
   o: string;
   i: string;
@@ -12,6 +21,27 @@ interface WireChange {
   a: string | null;
   n: number;
   u: number;
+  t?: WireState;
+}
+
+function toWire(task: TaskRecord): WireState {
+  const { description: _description, metadata: _metadata, ...state } = task;
+  const wire = state as unknown as Record<string, unknown>;
+  for (const k of DATE_KEYS) wire[k] = task[k]?.getTime() ?? null;
+  return wire as WireState;
+}
+
+/** The state a change carries, or undefined when it has none we can trust (the watcher then re-reads). */
+function fromWire(m: WireChange): TaskState | undefined {
+  const t = m.t;
+  if (typeof t !== "object" || t === null || t.taskId !== m.i || t.status !== m.s) return undefined;
+  const state = { ...t } as unknown as Record<string, unknown>;
+  for (const k of DATE_KEYS) {
+    const ms = t[k];
+    if (ms !== null && typeof ms !== "number") return undefined;
+    state[k] = ms === null ? null : new Date(ms);
+  }
+  return state as TaskState;
 }
 
 /**
@@ -51,7 +81,8 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
       const body: unknown = JSON.parse(message.startsWith("{") ? message : message.slice(message.indexOf("|") + 1));
       for (const m of (Array.isArray(body) ? body : [body]) as WireChange[]) {
         if (m.o === origin || !isTaskStatus(m.s)) continue;
-        listeners.deliver({ taskId: m.i, status: m.s, agentId: m.a, attempt: m.n, updatedAt: new Date(m.u) });
+        const state = fromWire(m);
+        listeners.deliver({ taskId: m.i, status: m.s, agentId: m.a, attempt: m.n, updatedAt: new Date(m.u), ...(state ? { state } : {}) });
       }
     } catch (e: unknown) {
       warn(e, "ignored a malformed task event");
@@ -71,7 +102,7 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
       listeners.deliver({ ...change, task: change });
       if (closing || pub.status !== "ready") return;
       if (outgoing.length === 0) setImmediate(flush);
-      outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime() });
+      outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime(), t: toWire(change) });
     },
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),

@@ -1,13 +1,18 @@
 import type { TaskRecord } from "./task-types.js";
 
+/** A task as committed, less what never changes after it was created (and can be large). */
+export type TaskState = Omit<TaskRecord, "description" | "metadata">;
+
 /**
- * What changed, in a few fields: enough to route the news (which task, which
- * holder, which state), small enough to fan out on every state change.
- * Listeners that need the whole task read it from the database.
+ * What changed: enough to route the news (which task, which holder, which
+ * state), and, where the publisher sent it, the state as committed, so a
+ * watcher sees every state even when the task has already moved on.
  */
 export type TaskChange = Pick<TaskRecord, "taskId" | "status" | "agentId" | "attempt" | "updatedAt"> & {
   /** The whole task as committed, when the change happened on this instance. */
   task?: TaskRecord;
+  /** The task's state as committed, when the change came from another instance that sent it. */
+  state?: TaskState;
 };
 
 export type TaskListener = (change: TaskChange) => void;

@@ -228,8 +228,9 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
      * between the read and the subscription can be missed.
      */
     async *watch(taskId: string, signal: AbortSignal): AsyncGenerator<TaskRecord> {
-      // A change from this instance carries the task as committed, so every
-      // state is seen; one from another instance is re-read from the database.
+      // A change carries the task as committed (whole from this instance, less
+      // its fixed fields from another), so every state is seen; one from an
+      // instance that sent no state is re-read from the database.
       const changes: TaskChange[] = [];
       let wake: (() => void) | undefined;
       const unsubscribe = events.subscribe(taskId, (change) => {
@@ -248,7 +249,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
             wake = undefined;
             continue;
           }
-          const next = change.task ?? (await getOrThrow(taskId));
+          const next = change.task ?? (change.state ? { ...last, ...change.state } : await getOrThrow(taskId));
           const newer =
             next.updatedAt > last.updatedAt ||
             (next.updatedAt.getTime() === last.updatedAt.getTime() && (next.status !== last.status || next.attempt !== last.attempt));

@@ -1,7 +1,9 @@
 import { Redis } from "ioredis";
 import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
 import { createInProcessQueue, createRedisQueue, type PriorityQueue, type QueueEntry, type QueueLog } from "../../src/queue/index.js";
-import { TASK_TYPES, type TaskType } from "../../src/tasks/task-types.js";
+import { createRedisTaskEvents } from "../../src/queue/redis-events.js";
+import type { TaskChange } from "../../src/tasks/task-events.js";
+import { TASK_TYPES, type TaskRecord, type TaskType } from "../../src/tasks/task-types.js";
 import { redisAvailable, TEST_REDIS_URL, uniqueName } from "../support/services.js";
 import { freePort, hasRedisServer, PrivateRedis } from "../support/private-redis.js";
 
@@ -535,4 +537,73 @@ describe("redis queue: failure behaviour", () => {
       await server.stop();
     },
   );
+});
+
+describe("redis task events", () => {
+  const record = (over: Partial<TaskRecord>): TaskRecord => ({
+    taskId: "00000000-0000-7000-8000-000000000001",
+    taskType: "qa",
+    description: "fixed at creation, never sent",
+    priority: 4,
+    metadata: { big: "never sent" },
+    status: "pending",
+    agentId: null,
+    attempt: 0,
+    maxAttempts: 3,
+    result: null,
+    error: null,
+    correlationId: "corr-1",
+    seq: 17,
+    createdAt: new Date(1_700_000_000_000),
+    updatedAt: new Date(1_700_000_000_000),
+    assignedAt: null,
+    completedAt: null,
+    failedAttempts: 0,
+    timeoutMs: null,
+    leaseExpiresAt: null,
+    runAt: null,
+    idempotencyKey: "key-1",
+    requestHash: "hash-1",
+    ...over,
+  });
+  const stateOf = ({ description: _d, metadata: _m, ...state }: TaskRecord) => state;
+
+  it.skipIf(!redisAvailable)("another instance hears every change with its state as committed, even changes a moment apart", async () => {
+    const prefix = newPrefix();
+    const a = createRedisTaskEvents({ url: TEST_REDIS_URL, prefix });
+    const b = createRedisTaskEvents({ url: TEST_REDIS_URL, prefix });
+    const raw = new Redis(TEST_REDIS_URL);
+    try {
+      const heard: TaskChange[] = [];
+      a.subscribeAll((c) => heard.push(c));
+      // Subscriptions are set up in the background: announce probes until one arrives.
+      for (let i = 0; !heard.some((c) => c.taskId === "probe"); i++) {
+        if (i > 100) throw new Error("instance a never heard instance b");
+        b.publish(record({ taskId: "probe" }));
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      heard.length = 0;
+      const assigned = record({ status: "assigned", agentId: "agent-1", attempt: 1, assignedAt: new Date(1_700_000_001_000), updatedAt: new Date(1_700_000_001_000), leaseExpiresAt: new Date(1_700_000_031_000) });
+      const completed = record({ ...assigned, status: "completed", result: { answer: 42, nested: ["x"] }, completedAt: new Date(1_700_000_001_005), updatedAt: new Date(1_700_000_001_005), leaseExpiresAt: null });
+      b.publish(assigned);
+      b.publish(completed);
+      // An instance of an earlier version sends no state; a state that does not match its change is not trusted.
+      await raw.publish(`{${prefix}}:events`, `old-origin|${JSON.stringify([{ o: "old-origin", i: "t-old", s: "failed", a: null, n: 2, u: 5 }])}`);
+      await raw.publish(`{${prefix}}:events`, `odd-origin|${JSON.stringify([{ o: "odd-origin", i: "t-odd", s: "failed", a: null, n: 2, u: 5, t: { ...stateOf(record({ taskId: "t-odd" })), status: "failed", createdAt: "yesterday" } }])}`);
+      await vi.waitFor(() => expect(heard).toHaveLength(4), { timeout: 5000 });
+      // Publishers do not order among themselves; each one's changes arrive in order.
+      const of = (taskId: string) => heard.filter((c) => c.taskId === taskId);
+      const [heardAssigned, heardCompleted] = of(assigned.taskId);
+      expect(heardAssigned).toMatchObject({ status: "assigned", agentId: "agent-1", attempt: 1, updatedAt: assigned.updatedAt });
+      expect(heardAssigned!.state).toEqual(stateOf(assigned));
+      expect(heardCompleted!.state).toEqual(stateOf(completed));
+      expect(heardCompleted!.state).not.toHaveProperty("description");
+      expect(of("t-old")).toMatchObject([{ status: "failed", attempt: 2 }]);
+      expect(of("t-odd")).toMatchObject([{ status: "failed" }]);
+      expect([...of("t-old"), ...of("t-odd")].map((c) => c.state)).toEqual([undefined, undefined]);
+    } finally {
+      raw.disconnect();
+      await Promise.all([a.close(), b.close()]);
+    }
+  });
 });
