@@ -16,6 +16,7 @@ import type { ConsumerCommand, ConsumerReply, RedisTarget } from "./consumer-wor
 import { nowMs, Producer } from "./grpc-clients.js";
 import { killAll, Service, type ProcSample } from "./service.js";
 import { summariseFile } from "./cpuprofile-summary.js";
+import { transportFloor } from "./transport-floor.js";
 import type { AgentPoolOptions } from "./grpc-clients.js";
 
 // ─── configuration ──────────────────────────────────────────────────────────
@@ -44,7 +45,8 @@ const KNOBS = {
   probeRate: { flag: "probe-rate", env: "BENCH_PROBE_RATE", def: "20", help: "probe tasks per second" },
   queued: { flag: "queued", env: "BENCH_QUEUED", def: "100000", help: "tasks queued (of a type no agent takes) before the deep-queue probes" },
   queueBudget: { flag: "queue-budget", env: "BENCH_QUEUE_BUDGET_S", def: "150", help: "stop queueing early after this many s (the count reached is printed)" },
-  sections: { flag: "sections", env: "BENCH_SECTIONS", def: "throughput,latency,embedded,idle,deep", help: "which parts to run" },
+  floorCalls: { flag: "floor-calls", env: "BENCH_FLOOR_CALLS", def: "20000", help: "transport section: empty unary calls per server library" },
+  sections: { flag: "sections", env: "BENCH_SECTIONS", def: "throughput,latency,embedded,idle,deep,transport", help: "which parts to run" },
   bullmq: { flag: "bullmq", env: "BENCH_BULLMQ", def: "1", help: "run the BullMQ side (0 to skip)" },
   profile: { flag: "profile", env: "BENCH_PROFILE", def: "0", help: "1: extra throughput runs under --cpu-prof, summarised" },
   profileDir: { flag: "profile-dir", env: "BENCH_PROFILE_DIR", def: "", help: "with --profile=1: also keep the raw .cpuprofile files here (open them in Chrome DevTools)" },
@@ -861,6 +863,18 @@ async function main(): Promise<void> {
           ["empty", pct(r.empty, 50), pct(r.empty, 90), pct(r.empty, 99), Math.max(...r.empty)],
           [`${r.queued} queued`, pct(r.deep, 50), pct(r.deep, 90), pct(r.deep, 99), Math.max(...r.deep)],
         ],
+      ),
+    );
+  }
+
+  if (sections.has("transport")) {
+    log("transport floor: Connect vs grpc-js");
+    const rows = await transportFloor(Number(cfg.floorCalls), Number(cfg.inFlight));
+    emit(
+      table(
+        `Transport floor: an empty unary call (grpc.health.v1 Health/Check) served by each library alone, ${cfg.inFlight} in flight, same grpc-js client (server CPU µs per call)`,
+        ["server", "calls", "calls/s", "cpu µs/call"],
+        rows.map((r) => [r.server, r.calls, fmt(r.callsPerSecond), r.cpuUsPerCall.toFixed(0)]),
       ),
     );
   }
