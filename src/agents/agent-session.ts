@@ -153,7 +153,8 @@ export class AgentSession {
         settled = this.settle(message.taskId, message.attempt ?? 0);
         return message.type === "task_complete" ? this.complete(message) : this.fail(message);
       })
-      .catch((e: unknown) => this.reportFailure(e))
+      // Named, so the agent knows which result to send again.
+      .catch((e: unknown) => this.reportFailure(e, message.taskId))
       .finally(() => {
         if (settled) this.settling.delete(message.taskId);
         this.recording--;
@@ -179,10 +180,10 @@ export class AgentSession {
     if (!this.settling.delete(taskId)) this.slotFreed();
   }
 
-  private reportFailure(e: unknown): void {
+  private reportFailure(e: unknown, taskId?: string): void {
     const err = toConnectError(e);
-    this.log.error({ err: e, agent_id: this.agentId }, "agent message failed");
-    this.send({ type: "error", code: wsCodeOf(err.code), message: err.rawMessage });
+    this.log.error({ err: e, agent_id: this.agentId, task_id: taskId }, "agent message failed");
+    this.send({ type: "error", code: wsCodeOf(err.code), message: err.rawMessage, ...(taskId ? { taskId } : {}) });
   }
 
   /** Refuses a frame the transport could not decode at all. */

@@ -51,6 +51,13 @@ const ConfigSchema = z
     RECONCILE_INTERVAL_MS: durationMs(5_000),
     /** How long shutdown waits for in-flight requests before closing them. */
     SHUTDOWN_GRACE_MS: durationMs(10_000),
+    /**
+     * PostgreSQL: how long a statement waits for a lock (a row another
+     * session holds, a migration's table lock) before it fails with
+     * UNAVAILABLE; 0 waits for ever. It also bounds how long a migration
+     * waits for its table locks, so it cannot queue every writer behind it.
+     */
+    DB_LOCK_TIMEOUT_MS: z.coerce.number().int().min(0).default(10_000),
     /** Largest gRPC/Connect message, REST body and WebSocket frame accepted. */
     MAX_MESSAGE_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
   })
@@ -76,6 +83,7 @@ export interface Config {
   readonly sniffTimeoutMs: number;
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
+  readonly dbLockTimeoutMs: number;
   readonly reconcileIntervalMs: number;
   readonly leaseTtlMs: number;
   readonly sweepIntervalMs: number;
@@ -132,6 +140,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     sniffTimeoutMs: c.SNIFF_TIMEOUT_MS,
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
+    dbLockTimeoutMs: c.DB_LOCK_TIMEOUT_MS,
     reconcileIntervalMs: c.RECONCILE_INTERVAL_MS,
     leaseTtlMs: c.LEASE_TTL_MS ?? c.HEARTBEAT_TIMEOUT_MS,
     sweepIntervalMs: c.SWEEP_INTERVAL_MS,

@@ -59,12 +59,14 @@ export const httpStatusOf = (code: Code): number => TABLE[code].http;
 export const wsCodeOf = (code: Code): string => TABLE[code].ws;
 
 const UNAVAILABLE_ERRNOS = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND", "EHOSTUNREACH", "EAI_AGAIN"]);
+/** PostgreSQL: lock_not_available (lock_timeout) and query_canceled (statement timeout or cancel): the same request may succeed later. */
+const TRANSIENT_SQLSTATES = new Set(["55P03", "57014"]);
 
 /** Recognises "the database or Redis cannot be reached" across drivers. */
 function isUnavailable(e: unknown): boolean {
   for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
     const err = cur as { code?: unknown; name?: unknown; message?: unknown; cause?: unknown };
-    if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || /^(08|57P)/.test(err.code))) return true;
+    if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || TRANSIENT_SQLSTATES.has(err.code) || /^(08|57P)/.test(err.code))) return true;
     if (err.name === "ConnectionException" || err.name === "MaxRetriesPerRequestError") return true;
     if (typeof err.message === "string" && /Connection is closed|Stream isn't writeable|connect ECONNREFUSED|Connection terminated|timeout exceeded when trying to connect|Cannot use a pool after calling end/i.test(err.message)) return true;
     cur = err.cause;

@@ -52,6 +52,8 @@ export interface PersistenceOptions {
   url: string;
   /** PostgreSQL only: schema to create (if missing) and use for every table; tests isolate with it. */
   schema?: string;
+  /** PostgreSQL: lock_timeout of every connection; 0 or unset waits for ever. */
+  lockTimeoutMs?: number;
   log?: PersistenceLogger;
 }
 
@@ -97,7 +99,7 @@ function parseUrl(url: string): Target {
   );
 }
 
-function ormOptions(target: Target, schema: string | undefined): Partial<Options> {
+function ormOptions(target: Target, schema: string | undefined, lockTimeoutMs: number | undefined): Partial<Options> {
   const common = {
     entities: ENTITIES,
     extensions: [Migrator],
@@ -131,7 +133,15 @@ function ormOptions(target: Target, schema: string | undefined): Partial<Options
     // Keepalive: a connection whose peer vanished (host down, network cut)
     // is probed after 10 s of silence, not the kernel's default two hours, so
     // a write batch waiting on it fails and frees its slot.
-    driverOptions: { connectionTimeoutMillis: CONNECT_TIMEOUT_MS, keepAlive: true, keepAliveInitialDelayMillis: 10_000 },
+    // lock_timeout: a row held by a stuck session fails the write waiting on
+    // it (and only that one, once its batch is retried alone) instead of
+    // holding a write slot for as long as the other session lives.
+    driverOptions: {
+      connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+      ...(lockTimeoutMs ? { lock_timeout: lockTimeoutMs } : {}),
+    },
     migrations: schema ? { ...migrations, schema } : migrations,
   };
 }
@@ -159,7 +169,7 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     await mkdir(path.dirname(path.resolve(target.file)), { recursive: true });
   }
 
-  const orm = await MikroORM.init(ormOptions(target, options.schema));
+  const orm = await MikroORM.init(ormOptions(target, options.schema, options.lockTimeoutMs));
   try {
     const em = orm.em.fork() as EntityManager;
     try {

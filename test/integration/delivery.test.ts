@@ -34,8 +34,8 @@ const track = <T extends TestAgent>(a: T) => (agents.push(a), a);
 
 describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) => {
   /** An agent with one slot, three queued tasks in priority order, and the first of them assigned. */
-  async function oneSlotThreeTasks() {
-    const s = await start(name);
+  async function oneSlotThreeTasks(env: Record<string, string> = {}) {
+    const s = await start(name, { env });
     const a = track(await GrpcAgent.connect(s.port, { capabilities: ["analysis"], maxConcurrency: 1 }));
     const ids: string[] = [];
     for (const p of [9, 8, 7]) ids.push((await post(s, "/tasks", { task_type: "analysis", description: `in order ${p}`, priority: p })).body.task_id);
@@ -201,6 +201,27 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     await a.waitForFrame("completion_ack", 2);
     await a.waitForFrame("task_assignment", 3);
     expect(a.assignments[2]!.taskId).toBe(ids[2]);
+    expect(await getTask(s, ids[0]!)).toMatchObject({ status: "completed", result: { first: true } });
+  });
+
+  it.skipIf(!available || name === "embedded")("a row another session holds past DB_LOCK_TIMEOUT_MS fails only the result waiting on it, as unavailable", async () => {
+    const { s, a, ids } = await oneSlotThreeTasks({ DB_LOCK_TIMEOUT_MS: "300" });
+    const blocker = await lockRow(s, ids[0]!);
+    try {
+      a.complete(ids[0]!, { first: true });
+      await a.waitForFrame("task_assignment", 2);
+      // Other writes go on meanwhile.
+      a.complete(ids[1]!, { second: true });
+      await a.waitFor((x) => x.frames.some((f) => f.type === "completion_ack" && f.taskId === ids[1]), 5000, "the second result recorded");
+      await a.waitFor((x) => x.frames.some((f) => f.type === "error"), 5000, "the first result refused");
+      expect(a.frames.find((f) => f.type === "error")).toMatchObject({ code: "unavailable", taskId: ids[0] });
+      expect((await getTask(s, ids[0]!)).status).toBe("assigned");
+    } finally {
+      await blocker.query("ROLLBACK");
+      await blocker.end();
+    }
+    a.complete(ids[0]!, { first: true });
+    await a.waitFor((x) => x.frames.some((f) => f.type === "completion_ack" && f.taskId === ids[0]), 5000, "the first result recorded");
     expect(await getTask(s, ids[0]!)).toMatchObject({ status: "completed", result: { first: true } });
   });
 

@@ -12,6 +12,7 @@ describe("loadConfig", () => {
       logLevel: "info",
       heartbeatIntervalMs: 10_000,
       heartbeatTimeoutMs: 30_000,
+      dbLockTimeoutMs: 10_000,
     });
     expect(Object.isFrozen(c)).toBe(true);
   });
@@ -26,8 +27,9 @@ describe("loadConfig", () => {
       HEARTBEAT_INTERVAL_MS: "500",
       HEARTBEAT_TIMEOUT_MS: "",
       MAX_MESSAGE_BYTES: "65536",
+      DB_LOCK_TIMEOUT_MS: "0",
     });
-    expect(c).toMatchObject({ port: 9001, host: "127.0.0.1", redisUrl: "redis://cache:6379/2", logLevel: "debug", heartbeatIntervalMs: 500, heartbeatTimeoutMs: 30_000, maxMessageBytes: 65536 });
+    expect(c).toMatchObject({ port: 9001, host: "127.0.0.1", redisUrl: "redis://cache:6379/2", logLevel: "debug", heartbeatIntervalMs: 500, heartbeatTimeoutMs: 30_000, maxMessageBytes: 65536, dbLockTimeoutMs: 0 });
   });
 
   it("accepts the seed's sqlite:/// spelling", () => {
@@ -43,6 +45,7 @@ describe("loadConfig", () => {
     [{ HEARTBEAT_INTERVAL_MS: "-5" }, "HEARTBEAT_INTERVAL_MS"],
     [{ HEARTBEAT_INTERVAL_MS: "5000", HEARTBEAT_TIMEOUT_MS: "4000" }, "HEARTBEAT_TIMEOUT_MS"],
     [{ REDIS_PREFIX: "a{b}" }, "REDIS_PREFIX"],
+    [{ DB_LOCK_TIMEOUT_MS: "-1" }, "DB_LOCK_TIMEOUT_MS"],
   ])("refuses %j naming %s", (env, name) => {
     expect(() => loadConfig(env)).toThrow(ConfigError);
     expect(() => loadConfig(env)).toThrow(new RegExp(`${name}:`));
