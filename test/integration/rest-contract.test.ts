@@ -283,9 +283,15 @@ describe.each(BACKENDS)("REST contract on $name", ({ name, available }) => {
         const completed = await get(own, "/tasks?status=completed");
         expect(completed.body.map((t: { task_id: string }) => t.task_id)).toEqual([done]);
         expect(completed.body[0]).toMatchObject({ status: "completed", result: { ok: true }, attempt: 1, task_type: "analysis" });
-        // The agent may have been handed the next task before it left; that one goes back to pending.
-        await eventually(async () => (await get(own, "/tasks?status=pending&task_type=analysis&limit=1000")).body.length === 34, 5000, "34 pending analysis tasks");
-        expect((await get(own, "/tasks?status=assigned")).body).toEqual([]);
+        // The agent may have been handed the next task before it left (its
+        // slot frees when its result arrives); that one goes back to pending.
+        await eventually(
+          async () =>
+            (await get(own, "/tasks?status=pending&task_type=analysis&limit=1000")).body.length === 34 &&
+            (await get(own, "/tasks?status=assigned")).body.length === 0,
+          5000,
+          "34 pending analysis tasks and none assigned",
+        );
         expect((await get(own, "/tasks?status=cancelled")).body).toEqual([]);
       } finally {
         await own.close();
