@@ -13,6 +13,11 @@ type WireState = Omit<TaskState, DateKey> & { [K in DateKey]: number | null };
  * One change on the wire: origin instance, task id, status, agent, attempt,
  * updated_at (epoch ms), and the state as committed (dates as epoch ms).
  * Instances that predate `t` read the rest and re-read the task.
+ *
+ * `t` goes only with PENDING and ASSIGNED changes whose error text is short:
+ * a terminal state is final, so a watcher re-reading it sees it exactly,
+ * and results (up to MAX_RESULT_BYTES) must not make every instance receive
+ * and parse megabytes per batch.
  */
 interface WireChange {
   o: string;
@@ -24,22 +29,37 @@ interface WireChange {
   t?: WireState;
 }
 
-function toWire(task: TaskRecord): WireState {
+/** Longest error text sent with a state; a longer one is left for the re-read. */
+const MAX_WIRE_ERROR = 1024;
+
+function toWire(task: TaskRecord): WireState | undefined {
+  if ((task.status !== "pending" && task.status !== "assigned") || (task.error?.length ?? 0) > MAX_WIRE_ERROR) return undefined;
   const { description: _description, metadata: _metadata, ...state } = task;
   const wire = state as unknown as Record<string, unknown>;
   for (const k of DATE_KEYS) wire[k] = task[k]?.getTime() ?? null;
   return wire as WireState;
 }
 
-/** The state a change carries, or undefined when it has none we can trust (the watcher then re-reads). */
+const REQUIRED_DATES = new Set<DateKey>(["createdAt", "updatedAt"]);
+
+/**
+ * The state a change carries, or undefined when it has none we can trust
+ * (the watcher then re-reads): it must agree with the change it came with,
+ * and its dates must be real.
+ */
 function fromWire(m: WireChange): TaskState | undefined {
   const t = m.t;
-  if (typeof t !== "object" || t === null || t.taskId !== m.i || t.status !== m.s) return undefined;
+  if (typeof t !== "object" || t === null) return undefined;
+  if (t.taskId !== m.i || t.status !== m.s || t.agentId !== m.a || t.attempt !== m.n || t.updatedAt !== m.u) return undefined;
   const state = { ...t } as unknown as Record<string, unknown>;
   for (const k of DATE_KEYS) {
-    const ms = t[k];
-    if (ms !== null && typeof ms !== "number") return undefined;
-    state[k] = ms === null ? null : new Date(ms);
+    const ms: unknown = t[k];
+    if (ms === null && !REQUIRED_DATES.has(k)) {
+      state[k] = null;
+      continue;
+    }
+    if (typeof ms !== "number" || !Number.isFinite(ms)) return undefined;
+    state[k] = new Date(ms);
   }
   return state as TaskState;
 }
@@ -102,7 +122,8 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
       listeners.deliver({ ...change, task: change });
       if (closing || pub.status !== "ready") return;
       if (outgoing.length === 0) setImmediate(flush);
-      outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime(), t: toWire(change) });
+      const t = toWire(change);
+      outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime(), ...(t ? { t } : {}) });
     },
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),

@@ -229,8 +229,10 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
      */
     async *watch(taskId: string, signal: AbortSignal): AsyncGenerator<TaskRecord> {
       // A change carries the task as committed (whole from this instance, less
-      // its fixed fields from another), so every state is seen; one from an
-      // instance that sent no state is re-read from the database.
+      // its fixed fields from another), so every state is seen. One without a
+      // state is re-read from the database, and so is a remote one stamped
+      // with the same millisecond as the last state seen: instances do not
+      // order their announcements among themselves, so it may be older.
       const changes: TaskChange[] = [];
       let wake: (() => void) | undefined;
       const unsubscribe = events.subscribe(taskId, (change) => {
@@ -249,7 +251,8 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
             wake = undefined;
             continue;
           }
-          const next = change.task ?? (change.state ? { ...last, ...change.state } : await getOrThrow(taskId));
+          const remote = change.state && change.state.updatedAt.getTime() !== last.updatedAt.getTime() ? { ...last, ...change.state } : undefined;
+          const next = change.task ?? remote ?? (await getOrThrow(taskId));
           const newer =
             next.updatedAt > last.updatedAt ||
             (next.updatedAt.getTime() === last.updatedAt.getTime() && (next.status !== last.status || next.attempt !== last.attempt));
