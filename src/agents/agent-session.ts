@@ -89,8 +89,13 @@ export class AgentSession {
     this.heartbeatTimer.unref();
   }
 
+  /** Tasks the agent is working on: held, less those whose result is being recorded. */
+  get activeTasks(): number {
+    return this.held.size - this.settling.size;
+  }
+
   get freeSlots(): number {
-    return this.state === "active" ? this.maxConcurrency - this.held.size + this.settling.size : 0;
+    return this.state === "active" ? this.maxConcurrency - this.activeTasks : 0;
   }
 
   /**
@@ -299,11 +304,29 @@ export class AgentSession {
     }
     // A repeat of a failure we recorded: the task has moved on (retry or FAILED).
     const task = await this.deps.tasks.get(message.taskId);
-    if (task && !lease && task.attempt === attempt && (task.status === "failed" || task.status === "pending") && task.error === error) {
-      this.send({ type: "completion_ack", taskId: message.taskId });
-      return;
+    if (task && task.attempt === attempt && (task.status === "failed" || task.status === "pending") && task.error === error) {
+      if (!lease) {
+        this.send({ type: "completion_ack", taskId: message.taskId });
+        return;
+      }
+      if (lease.attempt === task.attempt) {
+        this.recordedAfterAll(task);
+        return;
+      }
     }
     await this.refuseResult(message.taskId, attempt, "failed");
+  }
+
+  /**
+   * The agent sent a result again, and the database shows the first one was
+   * recorded after all: its write committed but was reported as failed (a
+   * connection lost after the commit). The lease is over, so free its slot
+   * and announce the change that went unannounced.
+   */
+  private recordedAfterAll(task: TaskRecord): void {
+    this.send({ type: "completion_ack", taskId: task.taskId });
+    this.deps.events.publish(task);
+    this.forget(task.taskId);
   }
 
   /** When the next attempt may start, after this attempt of `task` failed. */
@@ -357,7 +380,8 @@ export class AgentSession {
   private async refuseResult(taskId: string, attempt: number, outcome: "completed" | "failed"): Promise<void> {
     const task = await this.deps.tasks.get(taskId);
     if (task && task.status === outcome && task.agentId === this.agentId && (attempt === 0 || attempt === task.attempt)) {
-      this.send({ type: "completion_ack", taskId });
+      if (this.held.get(taskId)?.attempt === task.attempt) this.recordedAfterAll(task);
+      else this.send({ type: "completion_ack", taskId });
       return;
     }
     const lease = this.held.get(taskId);

@@ -3,6 +3,8 @@ import type { PriorityQueue } from "../queue/priority-queue.js";
 import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
 import type { TaskEvents } from "../tasks/task-events.js";
 import { backoffMs, type RetryPolicy } from "../tasks/retry-policy.js";
+import type { TaskRecord } from "../tasks/task-types.js";
+import { isDatabaseBusy } from "../errors/errors.js";
 import type { Dispatcher } from "./dispatcher.js";
 
 export interface SweeperOptions {
@@ -87,7 +89,15 @@ export class Sweeper {
         continue;
       }
       const retryAt = new Date(now.getTime() + backoffMs(task.failedAttempts + 1, this.o.retry));
-      const after = await this.o.tasks.retryOrFail(task.taskId, task.agentId ?? "", task.attempt, "lease expired: the holder stopped renewing it", now, retryAt);
+      let after: TaskRecord | null;
+      try {
+        after = await this.o.tasks.retryOrFail(task.taskId, task.agentId ?? "", task.attempt, "lease expired: the holder stopped renewing it", now, retryAt);
+      } catch (e: unknown) {
+        // A row held elsewhere past the lock timeout must not keep the other expired leases from being taken back.
+        if (!isDatabaseBusy(e)) throw e;
+        this.o.log.warn({ err: e, task_id: task.taskId }, "expired lease's task is locked elsewhere; trying again next pass");
+        continue;
+      }
       if (!after) continue;
       this.o.log.warn({ task_id: task.taskId, agent_id: task.agentId, attempt: task.attempt, status: after.status }, "lease expired; task taken back");
       this.o.events.publish(after);

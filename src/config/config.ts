@@ -54,10 +54,11 @@ const ConfigSchema = z
     /**
      * PostgreSQL: how long a statement waits for a lock (a row another
      * session holds, a migration's table lock) before it fails with
-     * UNAVAILABLE; 0 waits for ever. It also bounds how long a migration
+     * UNAVAILABLE; 0 leaves the server's own setting (no limit unless the
+     * role or database sets one). It also bounds how long a migration
      * waits for its table locks, so it cannot queue every writer behind it.
      */
-    DB_LOCK_TIMEOUT_MS: z.coerce.number().int().min(0).default(10_000),
+    DB_LOCK_TIMEOUT_MS: z.coerce.number().int().min(0).max(2_147_483_647).default(10_000),
     /** Largest gRPC/Connect message, REST body and WebSocket frame accepted. */
     MAX_MESSAGE_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
   })

@@ -62,11 +62,21 @@ const UNAVAILABLE_ERRNOS = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "
 /** PostgreSQL: lock_not_available (lock_timeout) and query_canceled (statement timeout or cancel): the same request may succeed later. */
 const TRANSIENT_SQLSTATES = new Set(["55P03", "57014"]);
 
+/** The database refused one statement for now (it rolled back, so nothing is half-done). */
+export function isDatabaseBusy(e: unknown): boolean {
+  for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
+    const code = (cur as { code?: unknown }).code;
+    if (typeof code === "string" && TRANSIENT_SQLSTATES.has(code)) return true;
+    cur = (cur as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 /** Recognises "the database or Redis cannot be reached" across drivers. */
 function isUnavailable(e: unknown): boolean {
   for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
     const err = cur as { code?: unknown; name?: unknown; message?: unknown; cause?: unknown };
-    if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || TRANSIENT_SQLSTATES.has(err.code) || /^(08|57P)/.test(err.code))) return true;
+    if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || /^(08|57P)/.test(err.code))) return true;
     if (err.name === "ConnectionException" || err.name === "MaxRetriesPerRequestError") return true;
     if (typeof err.message === "string" && /Connection is closed|Stream isn't writeable|connect ECONNREFUSED|Connection terminated|timeout exceeded when trying to connect|Cannot use a pool after calling end/i.test(err.message)) return true;
     cur = err.cause;
@@ -87,6 +97,7 @@ function isUniqueViolation(e: unknown): boolean {
 export function toConnectError(e: unknown): ConnectError {
   if (e instanceof ConnectError) return e;
   if (isUnavailable(e)) return unavailable("a backing service is unavailable; retry later", e);
+  if (isDatabaseBusy(e)) return unavailable("the database is busy (a lock or statement timed out); retry later", e);
   if (isUniqueViolation(e)) return new ConnectError("already exists", Code.AlreadyExists, undefined, undefined, e);
   return new ConnectError("internal error", Code.Internal, undefined, undefined, e);
 }

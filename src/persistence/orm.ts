@@ -52,7 +52,7 @@ export interface PersistenceOptions {
   url: string;
   /** PostgreSQL only: schema to create (if missing) and use for every table; tests isolate with it. */
   schema?: string;
-  /** PostgreSQL: lock_timeout of every connection; 0 or unset waits for ever. */
+  /** PostgreSQL: lock_timeout of every connection; 0 or unset leaves the server's setting. */
   lockTimeoutMs?: number;
   log?: PersistenceLogger;
 }

@@ -3,7 +3,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { uuidv7 } from "../ids.js";
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
-import { failedPrecondition, invalidArgument, notFound, toConnectError, unavailable } from "../errors/errors.js";
+import { failedPrecondition, invalidArgument, isDatabaseBusy, notFound, toConnectError, unavailable } from "../errors/errors.js";
 import type { TaskChange, TaskEvents } from "./task-events.js";
 import type { TaskRepository } from "./task-repository.js";
 import { isTerminal } from "./task-state.js";
@@ -146,7 +146,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
         }
         // A lost connection (or a failure we cannot classify) leaves the
         // commit unknown: if the row made it, it must still reach the queue.
-        if (err.code === Code.Unavailable || err.code === Code.Internal) repairQueue("a task insert failed; it may have committed");
+        if ((err.code === Code.Unavailable || err.code === Code.Internal) && !isDatabaseBusy(e)) repairQueue("a task insert failed; it may have committed");
         throw err;
       }
       try {

@@ -46,6 +46,7 @@ describe("loadConfig", () => {
     [{ HEARTBEAT_INTERVAL_MS: "5000", HEARTBEAT_TIMEOUT_MS: "4000" }, "HEARTBEAT_TIMEOUT_MS"],
     [{ REDIS_PREFIX: "a{b}" }, "REDIS_PREFIX"],
     [{ DB_LOCK_TIMEOUT_MS: "-1" }, "DB_LOCK_TIMEOUT_MS"],
+    [{ DB_LOCK_TIMEOUT_MS: "3000000000" }, "DB_LOCK_TIMEOUT_MS"],
   ])("refuses %j naming %s", (env, name) => {
     expect(() => loadConfig(env)).toThrow(ConfigError);
     expect(() => loadConfig(env)).toThrow(new RegExp(`${name}:`));
