@@ -34,7 +34,8 @@ const agentIdSchema = z
   .max(128, { message: "must be at most 128 characters" })
   .regex(/^[A-Za-z0-9._:-]*$/, { message: "may contain only letters, digits and . _ : -" });
 const taskId = z.string().uuid({ message: "must be a task UUID" });
-const attempt = z.number().int().min(0).optional();
+// int32 on the wire (gRPC) and in the database; /ws JSON could send more.
+const attempt = z.number().int().min(0).max(2_147_483_647).optional();
 
 function agentMessageSchema(limits: Limits) {
   return z.discriminatedUnion("type", [

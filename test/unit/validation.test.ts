@@ -74,6 +74,12 @@ describe("configurable limits", () => {
     expect(r).toMatchObject({ ok: false, reason: expect.stringMatching(/result: must be at most 20 bytes/) });
   });
 
+  it("refuses a result's attempt number beyond int32, which no task can have", () => {
+    const r = parseAgentMessage({ type: "task_complete", taskId: "0195f0a4-5b6c-7d8e-9f01-23456789abcd", result: {}, attempt: 2 ** 31 });
+    expect(r).toMatchObject({ ok: false, reason: expect.stringMatching(/attempt/) });
+    expect(parseAgentMessage({ type: "task_failed", taskId: "0195f0a4-5b6c-7d8e-9f01-23456789abcd", error: "e", attempt: 2 ** 31 - 1 })).toMatchObject({ ok: true });
+  });
+
   it("refuses idempotency keys and timeouts out of range", () => {
     expect(() => validateCreateTask({ taskType: "qa", description: "abc", idempotencyKey: "k".repeat(201) })).toThrow(/idempotency_key/);
     expect(() => validateCreateTask({ taskType: "qa", description: "abc", timeoutMs: -1 })).toThrow(/timeout_ms/);
