@@ -62,24 +62,28 @@ const UNAVAILABLE_ERRNOS = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "
 /** PostgreSQL: lock_not_available (lock_timeout) and query_canceled (statement timeout or cancel): the same request may succeed later. */
 const TRANSIENT_SQLSTATES = new Set(["55P03", "57014"]);
 
+type ErrorLike = { code?: unknown; name?: unknown; message?: unknown; cause?: unknown };
+
+/** `e` and its causes (drivers wrap each other's errors), at most five deep. */
+function* causeChain(e: unknown): Generator<ErrorLike> {
+  for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
+    yield cur as ErrorLike;
+    cur = (cur as ErrorLike).cause;
+  }
+}
+
 /** The database refused one statement for now (it rolled back, so nothing is half-done). */
 export function isDatabaseBusy(e: unknown): boolean {
-  for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
-    const code = (cur as { code?: unknown }).code;
-    if (typeof code === "string" && TRANSIENT_SQLSTATES.has(code)) return true;
-    cur = (cur as { cause?: unknown }).cause;
-  }
+  for (const err of causeChain(e)) if (typeof err.code === "string" && TRANSIENT_SQLSTATES.has(err.code)) return true;
   return false;
 }
 
 /** Recognises "the database or Redis cannot be reached" across drivers. */
 function isUnavailable(e: unknown): boolean {
-  for (let cur: unknown = e, depth = 0; cur && typeof cur === "object" && depth < 5; depth++) {
-    const err = cur as { code?: unknown; name?: unknown; message?: unknown; cause?: unknown };
+  for (const err of causeChain(e)) {
     if (typeof err.code === "string" && (UNAVAILABLE_ERRNOS.has(err.code) || /^(08|57P)/.test(err.code))) return true;
     if (err.name === "ConnectionException" || err.name === "MaxRetriesPerRequestError") return true;
     if (typeof err.message === "string" && /Connection is closed|Stream isn't writeable|connect ECONNREFUSED|Connection terminated|timeout exceeded when trying to connect|Cannot use a pool after calling end/i.test(err.message)) return true;
-    cur = err.cause;
   }
   return false;
 }

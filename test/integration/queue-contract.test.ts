@@ -4,6 +4,7 @@ import { createInProcessQueue, createRedisQueue, type PriorityQueue, type QueueE
 import { createRedisTaskEvents } from "../../src/queue/redis-events.js";
 import type { TaskChange } from "../../src/tasks/task-events.js";
 import { TASK_TYPES, type TaskRecord, type TaskType } from "../../src/tasks/task-types.js";
+import { stateOf, taskRecord } from "../support/records.js";
 import { redisAvailable, TEST_REDIS_URL, uniqueName } from "../support/services.js";
 import { freePort, hasRedisServer, PrivateRedis } from "../support/private-redis.js";
 
@@ -540,33 +541,7 @@ describe("redis queue: failure behaviour", () => {
 });
 
 describe("redis task events", () => {
-  const record = (over: Partial<TaskRecord>): TaskRecord => ({
-    taskId: "00000000-0000-7000-8000-000000000001",
-    taskType: "qa",
-    description: "fixed at creation, never sent",
-    priority: 4,
-    metadata: { big: "never sent" },
-    status: "pending",
-    agentId: null,
-    attempt: 0,
-    maxAttempts: 3,
-    result: null,
-    error: null,
-    correlationId: "corr-1",
-    seq: 17,
-    createdAt: new Date(1_700_000_000_000),
-    updatedAt: new Date(1_700_000_000_000),
-    assignedAt: null,
-    completedAt: null,
-    failedAttempts: 0,
-    timeoutMs: null,
-    leaseExpiresAt: null,
-    runAt: null,
-    idempotencyKey: "key-1",
-    requestHash: "hash-1",
-    ...over,
-  });
-  const stateOf = ({ description: _d, metadata: _m, ...state }: TaskRecord) => state;
+  const record = (over: Partial<TaskRecord>) => taskRecord({ taskId: "00000000-0000-7000-8000-000000000001", idempotencyKey: "key-1", requestHash: "hash-1", ...over });
 
   it.skipIf(!redisAvailable)("another instance hears every change, with its state as committed while the task is still in flight", async () => {
     const prefix = newPrefix();

@@ -10,12 +10,10 @@ import { createAgentMessageParser } from "../../src/agents/agent-messages.js";
 import type { ServerMessage } from "../../src/agents/agent-messages.js";
 import { createLogger } from "../../src/telemetry/logger.js";
 import type { TaskRecord } from "../../src/tasks/task-types.js";
+import { taskRecord } from "../support/records.js";
 
-const task = (id: string, over: Partial<TaskRecord> = {}): TaskRecord => ({
-  taskId: id, taskType: "qa", description: "d", priority: 5, metadata: {}, status: "assigned", agentId: "agent-1", attempt: 1,
-  maxAttempts: 3, result: null, error: null, correlationId: "c", seq: 1, createdAt: new Date(0), updatedAt: new Date(1), assignedAt: new Date(1),
-  completedAt: null, failedAttempts: 0, timeoutMs: null, leaseExpiresAt: null, runAt: null, idempotencyKey: null, requestHash: null, ...over,
-});
+/** A task assigned to the test's agent, attempt 1. */
+const task = (id: string, over: Partial<TaskRecord> = {}) => taskRecord({ taskId: id, status: "assigned", agentId: "agent-1", attempt: 1, assignedAt: new Date(1), ...over });
 
 /** A session registered with one slot, over a database the test scripts. */
 async function oneSlotSession(db: { complete: () => Promise<TaskRecord | null>; get: () => Promise<TaskRecord | null> }) {

@@ -9,15 +9,11 @@ import { createTaskService } from "../../src/tasks/task-service.js";
 import type { TaskChange, TaskEvents, TaskListener } from "../../src/tasks/task-events.js";
 import type { TaskRepository } from "../../src/tasks/task-repository.js";
 import type { TaskRecord } from "../../src/tasks/task-types.js";
+import { stateOf, taskRecord } from "../support/records.js";
 
 const ID = "01a20d30-9f26-7000-9f2b-34598c713c08";
 const at = (ms: number) => new Date(1_700_000_000_000 + ms);
-const base: TaskRecord = {
-  taskId: ID, taskType: "qa", description: "watched", priority: 5, metadata: { m: 1 }, status: "pending", agentId: null, attempt: 0,
-  maxAttempts: 3, result: null, error: null, correlationId: "c", seq: 1, createdAt: at(0), updatedAt: at(0), assignedAt: null,
-  completedAt: null, failedAttempts: 0, timeoutMs: null, leaseExpiresAt: null, runAt: null, idempotencyKey: null, requestHash: null,
-};
-const stateOf = ({ description: _d, metadata: _m, ...s }: TaskRecord) => s;
+const base = taskRecord({ taskId: ID });
 const remote = (t: TaskRecord, withState = true): TaskChange => ({
   taskId: t.taskId, status: t.status, agentId: t.agentId, attempt: t.attempt, updatedAt: t.updatedAt, ...(withState ? { state: stateOf(t) } : {}),
 });
