@@ -762,7 +762,7 @@ async function main(): Promise<void> {
         o.tasks,
         ot,
         bt,
-        `${(ot / bt).toFixed(2)}×`,
+        b ? `${(ot / bt).toFixed(2)}×` : "-",
         (o.tasks * 1000) / o.createMs,
         b ? (b.tasks * 1000) / b.createMs : NaN,
         o.service!.cpu,

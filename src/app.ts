@@ -24,7 +24,8 @@ import { createAgentService } from "./agents/agent-service.js";
 import { LatencyWindow } from "./metrics/latency-window.js";
 import { createMetricsService } from "./metrics/metrics-service.js";
 import { createSinglePortServer, type SinglePortServer } from "./transport/single-port.js";
-import { connectRoutes, errorInterceptor, requestContextKey } from "./transport/connect/routes.js";
+import { connectRoutes, errorInterceptor, handlerErrorMapper, requestContextKey, rpcServices } from "./transport/connect/routes.js";
+import { createGrpcHost } from "./transport/grpc/grpc-host.js";
 import { createHealthService } from "./transport/connect/health-service.js";
 import { restRoutes, sendError } from "./transport/rest/routes.js";
 import { wsRoute } from "./transport/ws/ws-route.js";
@@ -183,6 +184,20 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   // holding shutdown for the whole grace period.
   const shutdown = new AbortController();
 
+  const rpc = rpcServices({
+    services,
+    log,
+    health,
+    shutdown: shutdown.signal,
+    reflectionFiles: [file_aaos_v1_task_service, file_aaos_v1_agent_service, file_aaos_v1_metrics_service, file_grpc_health_v1_health],
+  });
+  const grpc = createGrpcHost({
+    services: rpc,
+    mapError: handlerErrorMapper(log),
+    contextValues: (correlationId) => createContextValues().set(requestContextKey, { correlationId, log: log.child({ correlation_id: correlationId }) }),
+    maxMessageBytes: config.maxMessageBytes,
+  });
+
   let ports: SinglePortServer | undefined;
   const fastify = Fastify({
     loggerInstance: log as FastifyBaseLogger,
@@ -194,7 +209,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     // Router-level refusals (over-long ids, malformed URLs) in our error shape too.
     frameworkErrors: (e, _req, reply) => void sendError(reply, e),
     serverFactory: (handler) => {
-      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, log });
+      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, log, grpc });
       return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
     },
   });
@@ -251,13 +266,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     },
   });
   await fastify.register(fastifyConnectPlugin, {
-    routes: connectRoutes({
-      services,
-      log,
-      health,
-      shutdown: shutdown.signal,
-      reflectionFiles: [file_aaos_v1_task_service, file_aaos_v1_agent_service, file_aaos_v1_metrics_service, file_grpc_health_v1_health],
-    }),
+    routes: connectRoutes(rpc),
     interceptors: [errorInterceptor(log)],
     readMaxBytes: config.maxMessageBytes,
     shutdownTimeoutMs: config.shutdownGraceMs,

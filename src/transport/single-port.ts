@@ -3,6 +3,7 @@ import http2 from "node:http2";
 import net from "node:net";
 import type { Logger } from "../telemetry/logger.js";
 import { useSpecGrpcMessageEncoding } from "./connect/grpc-message.js";
+import type { GrpcHost } from "./grpc/grpc-host.js";
 
 const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -22,16 +23,27 @@ export interface SinglePortServer {
  * HTTP/2 connection preface, put the bytes back, and hand the socket over. A
  * client that sends nothing within `sniffTimeoutMs` is dropped, and at most
  * 24 bytes are ever buffered.
+ *
+ * On HTTP/2, each stream goes its own way: gRPC calls to `grpc` when it
+ * serves them, everything else to the handler (Fastify, Connect).
  */
 export function createSinglePortServer(
   handler: http.RequestListener,
-  options: { sniffTimeoutMs: number; log: Logger },
+  options: { sniffTimeoutMs: number; log: Logger; grpc?: GrpcHost },
 ): SinglePortServer {
   const h1 = http.createServer(handler);
   const h2Handler = handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void;
-  const h2 = http2.createServer({}, (req, res) => {
+  // Never listens: it only turns the streams it is given into Node's
+  // request/response objects (the compatibility API) for the handler.
+  const compat = http2.createServer({}, (req, res) => {
     useSpecGrpcMessageEncoding(res);
     h2Handler(req, res);
+  });
+  const h2 = http2.createServer({});
+  const grpc = options.grpc;
+  h2.on("stream", (stream, headers, flags, rawHeaders) => {
+    if (grpc?.accepts(headers)) grpc.serve(stream, headers);
+    else compat.emit("stream", stream, headers, flags, rawHeaders);
   });
   const sockets = new Set<net.Socket>();
   const sessions = new Set<http2.Http2Session>();

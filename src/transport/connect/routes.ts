@@ -1,11 +1,11 @@
-import { Code, ConnectError, createContextKey, type ConnectRouter, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, createContextKey, type ConnectRouter, type HandlerContext, type Interceptor, type ServiceImpl } from "@connectrpc/connect";
 import { TaskService } from "../../../gen/aaos/v1/task_service_pb.js";
 import { AgentService } from "../../../gen/aaos/v1/agent_service_pb.js";
 import { MetricsService } from "../../../gen/aaos/v1/metrics_service_pb.js";
 import { Health } from "../../../gen/grpc/health/v1/health_pb.js";
 import { ServerReflection as ReflectionV1 } from "../../../gen/grpc/reflection/v1/reflection_pb.js";
 import { ServerReflection as ReflectionV1alpha } from "../../../gen/grpc/reflection/v1alpha/reflection_pb.js";
-import type { DescFile } from "@bufbuild/protobuf";
+import type { DescFile, DescService } from "@bufbuild/protobuf";
 import type { Logger } from "../../telemetry/logger.js";
 import type { RequestContext } from "../../tasks/task-service.js";
 import { isTerminal } from "../../tasks/task-state.js";
@@ -28,10 +28,10 @@ function requestContext(ctx: HandlerContext, fallback: Logger): RequestContext {
 /**
  * Maps every error leaving a handler to the shared vocabulary: infrastructure
  * failures become UNAVAILABLE, and anything unexpected INTERNAL with its cause
- * logged, never sent. Covers streams that fail mid-way too.
+ * logged, never sent. Used by Connect's interceptor and by the gRPC host.
  */
-export function errorInterceptor(log: Logger): Interceptor {
-  const map = (e: unknown): ConnectError => {
+export function handlerErrorMapper(log: Logger): (e: unknown) => ConnectError {
+  return (e) => {
     const err = toConnectError(e);
     // A ConnectError was raised on purpose (by us, or by the protocol layer
     // for bytes that do not decode); only other exceptions are our defects.
@@ -39,6 +39,11 @@ export function errorInterceptor(log: Logger): Interceptor {
     else if (err.code === Code.Internal) log.info({ err: e }, "request refused by the protocol layer");
     return err;
   };
+}
+
+/** `handlerErrorMapper` as a Connect interceptor; covers streams that fail mid-way too. */
+export function errorInterceptor(log: Logger): Interceptor {
+  const map = handlerErrorMapper(log);
   return (next) => async (req) => {
     try {
       const res = await next(req);
@@ -74,11 +79,19 @@ export interface ConnectRoutesOptions {
   shutdown?: AbortSignal;
 }
 
-/** Registers every RPC service on the router. Handlers only translate. */
-export function connectRoutes({ services, log, reflectionFiles, health, shutdown }: ConnectRoutesOptions) {
+/** A service and its handlers, served by Connect and, for the gRPC protocol, by the gRPC host. */
+export interface RpcService {
+  service: DescService;
+  impl: object;
+}
+
+const rpc = <T extends DescService>(service: T, impl: Partial<ServiceImpl<T>>): RpcService => ({ service, impl });
+
+/** Every RPC service with its handlers. Handlers only translate. */
+export function rpcServices({ services, log, reflectionFiles, health, shutdown }: ConnectRoutesOptions): RpcService[] {
   const reflection = createReflectionServices(reflectionFiles);
-  return (router: ConnectRouter) => {
-    router.service(TaskService, {
+  return [
+    rpc(TaskService, {
       async createTask(req, ctx) {
         if (req.webhookUrl) throw unimplemented("webhook_url is not supported yet");
         const taskType = taskTypeFromPb(req.taskType);
@@ -126,9 +139,9 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
           throw new ConnectError("server shutting down; watch the task again", Code.Unavailable);
         }
       },
-    });
+    }),
 
-    router.service(AgentService, {
+    rpc(AgentService, {
       async *session(requests, ctx) {
         const rc = requestContext(ctx, log);
         const out = new Channel<ReturnType<typeof encodeSessionResponse>>();
@@ -160,16 +173,22 @@ export function connectRoutes({ services, log, reflectionFiles, health, shutdown
       async listAgents(req) {
         return { agents: (await services.agents.list(req.includeDisconnected)).map(agentToPb) };
       },
-    });
+    }),
 
-    router.service(MetricsService, {
+    rpc(MetricsService, {
       async getMetrics() {
         return metricsToPb(await services.metrics.snapshot());
       },
-    });
+    }),
+    rpc(Health, health.impl),
+    rpc(ReflectionV1, reflection.v1),
+    rpc(ReflectionV1alpha, reflection.v1alpha),
+  ];
+}
 
-    router.service(Health, health.impl);
-    router.service(ReflectionV1, reflection.v1);
-    router.service(ReflectionV1alpha, reflection.v1alpha);
+/** Registers every RPC service on a Connect router. */
+export function connectRoutes(list: RpcService[]) {
+  return (router: ConnectRouter) => {
+    for (const { service, impl } of list) router.service(service, impl as Partial<ServiceImpl<typeof service>>);
   };
 }

@@ -1,0 +1,168 @@
+/**
+ * gRPC calls are served stream by stream beside Connect and gRPC-Web on the
+ * same port, even on one HTTP/2 session, each answered in its own protocol
+ * with the same headers and errors. Real server on port 0, raw node:http2 and
+ * grpc-js clients.
+ */
+import http2 from "node:http2";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import * as grpc from "@grpc/grpc-js";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { CreateTaskRequestSchema, CreateTaskResponseSchema } from "../../gen/aaos/v1/task_service_pb.js";
+import { TaskStatus, TaskType } from "../../gen/aaos/v1/task_pb.js";
+import { startServer, type TestServer } from "../support/server.js";
+import { grpcClient, toStruct } from "../support/clients.js";
+
+interface RawReply {
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+function request(session: http2.ClientHttp2Session, headers: http2.OutgoingHttpHeaders, body: Buffer): Promise<RawReply> {
+  return new Promise((resolve, reject) => {
+    const req = session.request({ ":method": "POST", ...headers });
+    let head: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    const chunks: Buffer[] = [];
+    req.on("response", (h) => (head = h));
+    req.on("trailers", (t) => (trailers = t));
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => resolve({ headers: head, trailers, body: Buffer.concat(chunks) }));
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+/** One length-prefixed message, as gRPC and gRPC-Web frame it. */
+function frame(payload: Uint8Array, flags = 0): Buffer {
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(payload.length, 1);
+  return Buffer.concat([head, payload]);
+}
+
+/** The frames of a gRPC / gRPC-Web body. */
+function frames(body: Buffer): Array<{ flags: number; payload: Buffer }> {
+  const out: Array<{ flags: number; payload: Buffer }> = [];
+  for (let at = 0; at + 5 <= body.length; ) {
+    const length = body.readUInt32BE(at + 1);
+    out.push({ flags: body[at]!, payload: body.subarray(at + 5, at + 5 + length) });
+    at += 5 + length;
+  }
+  return out;
+}
+
+const createRequest = (description: string) => toBinary(CreateTaskRequestSchema, create(CreateTaskRequestSchema, { taskType: TaskType.QA, description, priority: 4 }));
+
+describe("gRPC beside Connect on one port", () => {
+  let s: TestServer;
+  beforeAll(async () => {
+    s = await startServer("embedded");
+  });
+  afterAll(async () => {
+    await s?.close();
+  });
+
+  it("one HTTP/2 session carries gRPC, gRPC+JSON, Connect and gRPC-Web calls at once, each answered in its own protocol", async () => {
+    const session = http2.connect(s.baseUrl);
+    try {
+      const path = { ":path": "/aaos.v1.TaskService/CreateTask" };
+      const [grpcReply, grpcJson, connectReply, webReply] = await Promise.all([
+        request(session, { ...path, "content-type": "application/grpc", te: "trailers", "x-correlation-id": "route-grpc" }, frame(createRequest("over grpc"))),
+        request(
+          session,
+          { ...path, "content-type": "application/grpc+json", te: "trailers", "x-correlation-id": "route-grpc-json" },
+          frame(Buffer.from(JSON.stringify({ taskType: "TASK_TYPE_QA", description: "over grpc json", priority: 4 }))),
+        ),
+        request(session, { ...path, "content-type": "application/proto", "connect-protocol-version": "1", "x-correlation-id": "route-connect" }, Buffer.from(createRequest("over connect"))),
+        request(session, { ...path, "content-type": "application/grpc-web+proto", "x-correlation-id": "route-web" }, frame(createRequest("over grpc-web"))),
+      ]);
+
+      expect(grpcReply.headers[":status"]).toBe(200);
+      expect(grpcReply.headers["content-type"]).toMatch(/^application\/grpc(\+proto)?$/);
+      expect(grpcReply.headers["x-correlation-id"]).toBe("route-grpc");
+      expect(grpcReply.trailers["grpc-status"]).toBe("0");
+      const viaGrpc = fromBinary(CreateTaskResponseSchema, frames(grpcReply.body)[0]!.payload).task!;
+      expect(viaGrpc).toMatchObject({ description: "over grpc", status: TaskStatus.PENDING, priority: 4, correlationId: "route-grpc" });
+
+      expect(grpcJson.headers["content-type"]).toBe("application/grpc+json");
+      expect(grpcJson.trailers["grpc-status"]).toBe("0");
+      expect(JSON.parse(frames(grpcJson.body)[0]!.payload.toString()).task).toMatchObject({ description: "over grpc json", correlationId: "route-grpc-json" });
+
+      expect(connectReply.headers[":status"]).toBe(200);
+      expect(connectReply.headers["content-type"]).toBe("application/proto");
+      expect(connectReply.headers["x-correlation-id"]).toBe("route-connect");
+      expect(fromBinary(CreateTaskResponseSchema, connectReply.body).task).toMatchObject({ description: "over connect", correlationId: "route-connect" });
+
+      expect(webReply.headers["content-type"]).toBe("application/grpc-web+proto");
+      expect(webReply.headers["x-correlation-id"]).toBe("route-web");
+      const [message, trailer] = frames(webReply.body);
+      expect(fromBinary(CreateTaskResponseSchema, message!.payload).task).toMatchObject({ description: "over grpc-web", correlationId: "route-web" });
+      expect(trailer!.flags & 0x80).toBe(0x80);
+      expect(trailer!.payload.toString()).toMatch(/grpc-status: ?0/);
+
+      // The four tasks are real and distinct.
+      const ids = new Set([viaGrpc.taskId, fromBinary(CreateTaskResponseSchema, connectReply.body).task!.taskId]);
+      expect(ids.size).toBe(2);
+      const listed = await fetch(`${s.baseUrl}/tasks?status=pending&limit=50`).then((r) => r.json() as Promise<Array<{ description: string }>>);
+      expect(listed.map((t) => t.description).sort()).toEqual(expect.arrayContaining(["over connect", "over grpc", "over grpc json", "over grpc-web"]));
+    } finally {
+      session.close();
+    }
+  });
+
+  it("gRPC answers carry the correlation ID in their headers, on success and on error, given or generated", async () => {
+    const tasks = grpcClient("TaskService", s.port);
+    try {
+      const call = (request: object, correlationId?: string) =>
+        new Promise<{ headers: grpc.Metadata; error: grpc.ServiceError | null; task?: { correlation_id: string } }>((resolve) => {
+          const md = new grpc.Metadata();
+          if (correlationId) md.set("x-correlation-id", correlationId);
+          let headers = new grpc.Metadata();
+          const c = (tasks as unknown as Record<string, Function>).CreateTask!(request, md, (error: grpc.ServiceError | null, res?: { task: { correlation_id: string } }) =>
+            // The callback may run before or after "metadata"; settle on the next turn.
+            setImmediate(() => resolve({ headers, error, task: res?.task })),
+          ) as grpc.ClientUnaryCall;
+          c.on("metadata", (m: grpc.Metadata) => (headers = m));
+        });
+      const given = await call({ task_type: "TASK_TYPE_QA", description: "with an id", metadata: toStruct({ a: 1 }) }, "corr-grpc-7");
+      expect(given.error).toBeNull();
+      expect(given.headers.get("x-correlation-id")).toEqual(["corr-grpc-7"]);
+      expect(given.task?.correlation_id).toBe("corr-grpc-7");
+
+      const generated = await call({ task_type: "TASK_TYPE_QA", description: "without an id" });
+      const id = String(generated.headers.get("x-correlation-id")[0]);
+      expect(id).toMatch(/^[0-9a-f-]{36}$/);
+      expect(generated.task?.correlation_id).toBe(id);
+
+      const refused = await call({ task_type: "TASK_TYPE_QA", description: "no", priority: 11 }, "corr-grpc-bad");
+      expect(refused.error?.code).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(refused.error?.details).toContain("priority");
+      expect(refused.headers.get("x-correlation-id")).toEqual(["corr-grpc-bad"]);
+    } finally {
+      tasks.close();
+    }
+  });
+
+  it("a WatchTask past its deadline ends DEADLINE_EXCEEDED after the current state, and the server keeps serving", async () => {
+    const tasks = grpcClient("TaskService", s.port);
+    try {
+      const created = await new Promise<{ task: { task_id: string } }>((resolve, reject) =>
+        (tasks as unknown as Record<string, Function>).CreateTask!({ task_type: "TASK_TYPE_QA", description: "to watch" }, (e: Error | null, r: { task: { task_id: string } }) => (e ? reject(e) : resolve(r))),
+      );
+      const seen: string[] = [];
+      const error = await new Promise<grpc.ServiceError>((resolve) => {
+        const stream = (tasks as unknown as Record<string, Function>).WatchTask!({ task_id: created.task.task_id }, new grpc.Metadata(), { deadline: Date.now() + 400 }) as grpc.ClientReadableStream<{ task: { status: string } }>;
+        stream.on("data", (m) => seen.push(m.task.status));
+        stream.on("error", resolve);
+      });
+      expect(error.code).toBe(grpc.status.DEADLINE_EXCEEDED);
+      expect(seen).toEqual(["TASK_STATUS_PENDING"]);
+      const again = await fetch(`${s.baseUrl}/tasks/${created.task.task_id}`).then((r) => r.json() as Promise<{ status: string }>);
+      expect(again.status).toBe("pending");
+    } finally {
+      tasks.close();
+    }
+  });
+});
