@@ -196,6 +196,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     mapError: handlerErrorMapper(log),
     contextValues: (correlationId) => createContextValues().set(requestContextKey, { correlationId, log: log.child({ correlation_id: correlationId }) }),
     maxMessageBytes: config.maxMessageBytes,
+    log,
   });
 
   let ports: SinglePortServer | undefined;

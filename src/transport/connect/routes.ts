@@ -138,6 +138,8 @@ export function rpcServices({ services, log, reflectionFiles, health, shutdown }
         if (shutdown?.aborted && !ctx.signal.aborted && last && !isTerminal(last)) {
           throw new ConnectError("server shutting down; watch the task again", Code.Unavailable);
         }
+        // Stopped by the deadline (or a cancel nobody hears): say so, rather than end as if the task were done.
+        if (ctx.signal.aborted && last && !isTerminal(last)) throw ConnectError.from(ctx.signal.reason);
       },
     }),
 

@@ -5,6 +5,7 @@ import { create, fromBinary, isMessage, toBinary, type DescMessage, type DescMet
 import { Code, ConnectError, createHandlerContext, type ContextValues, type HandlerContext } from "@connectrpc/connect";
 import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { CORRELATION_HEADER, correlationIdFrom } from "../../telemetry/correlation.js";
+import type { Logger } from "../../telemetry/logger.js";
 import type { RpcService } from "../connect/routes.js";
 
 export interface GrpcHostOptions {
@@ -13,6 +14,7 @@ export interface GrpcHostOptions {
   mapError(e: unknown): ConnectError;
   contextValues(correlationId: string): ContextValues;
   maxMessageBytes: number;
+  log: Logger;
 }
 
 /**
@@ -39,10 +41,21 @@ export interface GrpcHost {
 type Impl = (req: unknown, ctx: HandlerContext) => unknown;
 type Status = { code: number; details: string; metadata: grpc.Metadata };
 
-/** A call ended without a client cancel: no DOMException (and stack capture) per call. */
+/** Abort reasons made once: no error object (and stack capture) per call. */
 const CALL_ENDED = new ConnectError("call ended", Code.Canceled);
+const CLIENT_CANCELLED = new ConnectError("the client cancelled the call", Code.Canceled);
+
+/** Codings grpc-js decodes; a request in another (e.g. br) is left to Connect, which decodes it. */
+const GRPC_JS_CODINGS = new Set(["identity", "gzip", "deflate"]);
+/** The spec's form; grpc-js answers a malformed value INTERNAL, Connect INVALID_ARGUMENT, so Connect gets it. */
+const GRPC_TIMEOUT = /^\d{1,8}[HMSmun]$/;
 
 export function createGrpcHost(options: GrpcHostOptions): GrpcHost {
+  // grpc-js logs on its own (for instance a client header value it cannot
+  // carry); those lines belong in our log, not on stderr. Process-wide, as
+  // grpc-js's logger is.
+  grpc.setLogger({ error: (...args: unknown[]) => options.log.info({ component: "grpc-js" }, args.map(String).join(" ")) });
+  grpc.setLogVerbosity(grpc.logVerbosity.ERROR);
   const server = new grpc.Server({
     "grpc.max_receive_message_length": options.maxMessageBytes,
     // Channelz would track every call and session for a service we do not expose.
@@ -82,7 +95,10 @@ export function createGrpcHost(options: GrpcHostOptions): GrpcHost {
     accepts(headers) {
       if (headers[":method"] !== "POST" || !paths.has(headers[":path"] ?? "")) return false;
       const type = headers["content-type"] ?? "";
-      return type === "application/grpc" || type === "application/grpc+proto" || /^application\/grpc(\+proto)?;/.test(type);
+      if (!(type === "application/grpc" || type === "application/grpc+proto" || /^application\/grpc(\+proto)?;/.test(type))) return false;
+      const coding = headers["grpc-encoding"];
+      const timeout = headers["grpc-timeout"];
+      return (coding === undefined || GRPC_JS_CODINGS.has(String(coding))) && (timeout === undefined || GRPC_TIMEOUT.test(String(timeout)));
     },
     serve(stream, headers) {
       streams.emit("stream", stream, headers);
@@ -112,8 +128,12 @@ function headersOf(metadata: grpc.Metadata): Headers {
 function metadataOf(headers: Headers, into = new grpc.Metadata()): grpc.Metadata {
   headers.forEach((value, key) => {
     if (key === "grpc-status" || key === "grpc-message") return;
-    if (key.endsWith("-bin")) into.add(key, Buffer.from(value, "base64"));
-    else into.add(key, value);
+    try {
+      if (key.endsWith("-bin")) into.add(key, Buffer.from(value, "base64"));
+      else into.add(key, value);
+    } catch {
+      // A value gRPC metadata cannot carry is left out rather than failing the call.
+    }
   });
   return into;
 }
@@ -124,6 +144,7 @@ type StreamCall = grpc.ServerWritableStream<Buffer, Uint8Array> | grpc.ServerDup
 function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
   const begin = (call: AnyCall) => {
     const correlationId = correlationIdFrom(call.metadata.get(CORRELATION_HEADER)[0]?.toString());
+    const deadline = Number(call.getDeadline());
     const ctx = createHandlerContext({
       service: method.parent,
       method,
@@ -132,8 +153,11 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
       url: call.getPath(),
       requestHeader: headersOf(call.metadata),
       contextValues: options.contextValues(correlationId),
+      // Handlers see the deadline, and a DEADLINE_EXCEEDED abort reason, as on Connect.
+      timeoutMs: Number.isFinite(deadline) ? Math.max(0, deadline - Date.now()) : undefined,
     });
-    (call as EventEmitter).once("cancelled", () => ctx.abort(new ConnectError("the client cancelled the call", Code.Canceled)));
+    // grpc-js reports every closed stream as cancelled, finished calls too.
+    (call as EventEmitter).once("cancelled", () => ctx.signal.aborted || ctx.abort(CLIENT_CANCELLED));
     let headSent = false;
     /** Response headers go out once, before the first message or the status. */
     const sendHead = () => {
@@ -170,7 +194,7 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
       call.end(metadataOf(ctx.responseTrailer));
     } catch (e: unknown) {
       over = true;
-      if (ctx.signal.aborted) return; // the client is gone: nobody to tell
+      if (ctx.signal.reason === CLIENT_CANCELLED) return; // nobody to tell
       sendHead();
       // grpc-js's way to end a stream with a status.
       call.emit("error", statusOf(e));
@@ -192,11 +216,14 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
           } finally {
             ctx.abort(CALL_ENDED);
           }
-        })();
+        })().catch((e: unknown) => {
+          options.log.error({ err: e }, "gRPC call failed outside its handler");
+          callback({ code: grpc.status.INTERNAL, details: "internal error" });
+        });
       };
     case "server_streaming":
       return (call: grpc.ServerWritableStream<Buffer, Uint8Array>) =>
-        void stream(call, (ctx) => impl(decode(method.input, call.request), ctx) as AsyncIterable<unknown>);
+        void stream(call, (ctx) => impl(decode(method.input, call.request), ctx) as AsyncIterable<unknown>).catch(lastResort(call, options.log));
     case "bidi_streaming":
       return (call: grpc.ServerDuplexStream<Buffer, Uint8Array>) =>
         void stream(call, (ctx, ended) => {
@@ -212,8 +239,16 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
             }
           };
           return impl(requests(), ctx) as AsyncIterable<unknown>;
-        });
+        }).catch(lastResort(call, options.log));
     default:
       throw new Error(`${method.parent.typeName}.${method.name}: client streaming is not served by the gRPC host`);
   }
+}
+
+/** For a defect in this file: logged, and the call ends INTERNAL instead of the process on an unhandled rejection. */
+function lastResort(call: StreamCall, log: Logger) {
+  return (e: unknown) => {
+    log.error({ err: e }, "gRPC call failed outside its handler");
+    call.emit("error", { code: grpc.status.INTERNAL, details: "internal error" });
+  };
 }
