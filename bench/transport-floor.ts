@@ -1,8 +1,8 @@
 /**
  * The cost of the gRPC server library alone: a unary call to a handler that
  * does nothing (grpc.health.v1 Health/Check), served by Connect (connect-node,
- * as our service serves gRPC) and by grpc-js, each in a child process of its
- * own, called by the same grpc-js client. It prints the server's CPU per call,
+ * as our service serves Connect and gRPC-Web) and by grpc-js (as it serves
+ * gRPC), each in a child process of its own, called by the same grpc-js client. It prints the server's CPU per call,
  * the floor under what any service built on that library pays per request.
  */
 import { fork, type ChildProcess } from "node:child_process";
