@@ -204,7 +204,9 @@ export class AgentSession {
     const message = parsed.message;
     const step = sessionStep(this.state, message.type);
     if (!step.ok) {
-      this.send({ type: "error", code: step.code, message: step.message });
+      // A refused result names its task, so the agent knows which one was not recorded.
+      const taskId = message.type === "task_complete" || message.type === "task_failed" ? message.taskId : undefined;
+      this.send({ type: "error", code: step.code, message: step.message, ...(taskId ? { taskId } : {}) });
       return;
     }
     this.lastSeen = this.deps.clock();

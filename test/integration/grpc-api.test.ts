@@ -435,7 +435,7 @@ describe("bad input is refused with the right code (embedded)", () => {
       expect(r.frames[0].message).toContain("register");
       r.call.write({ task_complete: { task_id: "00000000-0000-4000-8000-000000000000" } });
       await r.waitFor(2);
-      expect(r.frames[1]).toMatchObject({ kind: "error", code: "failed_precondition" });
+      expect(r.frames[1]).toMatchObject({ kind: "error", code: "failed_precondition", task_id: "00000000-0000-4000-8000-000000000000" });
       r.call.write({ register: { agent_name: "late" } });
       await r.waitFor(3);
       expect(r.frames[2]).toMatchObject({ kind: "registration_ack" });

@@ -121,9 +121,12 @@ describe.each(BACKENDS)("/ws protocol on $name", ({ name, available }) => {
 
   it.skipIf(!available)("a message before register is refused with failed_precondition; the socket stays open and register then works", async () => {
     const r = await raw();
-    for (const frame of [{ type: "heartbeat" }, { type: "task_complete", task_id: "00000000-0000-4000-8000-000000000000", result: {} }, { type: "task_failed", task_id: "00000000-0000-4000-8000-000000000000", error: "x" }]) {
+    const id = "00000000-0000-4000-8000-000000000000";
+    expect(await r.roundTrip({ type: "heartbeat" })).toEqual({ type: "error", code: "failed_precondition", message: expect.any(String) });
+    // A refused result names its task.
+    for (const frame of [{ type: "task_complete", task_id: id, result: {} }, { type: "task_failed", task_id: id, error: "x" }]) {
       const answer = await r.roundTrip(frame);
-      expect(answer).toEqual({ type: "error", code: "failed_precondition", message: expect.any(String) });
+      expect(answer).toEqual({ type: "error", code: "failed_precondition", message: expect.any(String), task_id: id });
     }
     expect(r.close).toBeUndefined();
     const ack = await r.register();
