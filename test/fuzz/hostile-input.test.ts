@@ -113,7 +113,9 @@ function taskProblems(t: unknown): string[] {
   if (!TASK_TYPES.includes(x.task_type as never)) p.push(`task_type ${show(x.task_type)}`);
   if (!TASK_STATUSES.includes(x.status as never)) p.push(`status ${show(x.status)}`);
   if (!Number.isInteger(x.priority) || (x.priority as number) < 0 || (x.priority as number) > 10) p.push(`priority ${show(x.priority)}`);
-  if (typeof x.description !== "string" || x.description.length < 3 || x.description.length > DESCRIPTION_MAX) p.push(`description ${show(x.description, 80)}`);
+  // Characters are code points, as the seed's Python counted them: 2,000 emoji are 4,000 UTF-16 units.
+  const chars = typeof x.description === "string" ? [...x.description].length : -1;
+  if (chars < 3 || chars > DESCRIPTION_MAX) p.push(`description ${show(x.description, 80)}`);
   if (!x.metadata || typeof x.metadata !== "object" || Array.isArray(x.metadata)) p.push(`metadata ${show(x.metadata, 80)}`);
   if (x.result !== null && (typeof x.result !== "object" || Array.isArray(x.result))) p.push(`result ${show(x.result, 80)}`);
   if (x.error !== null && typeof x.error !== "string") p.push(`error ${show(x.error, 80)}`);

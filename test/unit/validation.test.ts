@@ -45,6 +45,14 @@ describe("validateCreateTask", () => {
     expect(violations({ taskType: undefined, description: "abc" })[0]).toMatchObject({ loc: ["body", "task_type"], type: "missing" });
   });
 
+  it("counts a description's length in characters (code points), as the seed did, not UTF-16 units", () => {
+    const max = DEFAULT_LIMITS.descriptionMaxLength;
+    expect(validateCreateTask({ taskType: "qa", description: "😀".repeat(max) }).description).toHaveLength(2 * max);
+    expect(violations({ taskType: "qa", description: "😀".repeat(max + 1) })[0]!.loc).toEqual(["body", "description"]);
+    expect(violations({ taskType: "qa", description: "😀😀" })[0]!.loc).toEqual(["body", "description"]);
+    expect(validateCreateTask({ taskType: "qa", description: "😀😀😀" }).description).toBe("😀😀😀");
+  });
+
   it("bounds metadata by size and depth", () => {
     let deep: Record<string, unknown> = {};
     for (let i = 0; i < LIMITS.jsonMaxDepth + 2; i++) deep = { d: deep };
