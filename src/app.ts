@@ -24,6 +24,7 @@ import { createAgentService } from "./agents/agent-service.js";
 import { LatencyWindow } from "./metrics/latency-window.js";
 import { createMetricsService } from "./metrics/metrics-service.js";
 import { createSinglePortServer, type SinglePortServer } from "./transport/single-port.js";
+import { dropUnusableDeadline } from "./transport/deadlines.js";
 import { connectRoutes, errorInterceptor, handlerErrorMapper, requestContextKey, rpcServices } from "./transport/connect/routes.js";
 import { createGrpcHost } from "./transport/grpc/grpc-host.js";
 import { createHealthService } from "./transport/connect/health-service.js";
@@ -217,6 +218,8 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   // Echo the correlation ID on every response, whatever the protocol.
   fastify.addHook("onRequest", async (req, reply) => {
     reply.raw.setHeader(CORRELATION_HEADER, String(req.id));
+    // HTTP/2 streams had this done when they were routed (single-port.ts).
+    if (req.raw.httpVersionMajor === 1) dropUnusableDeadline(req.raw.headers);
   });
 
   let forceTimer: NodeJS.Timeout | undefined;

@@ -4,6 +4,7 @@ import net from "node:net";
 import type { Logger } from "../telemetry/logger.js";
 import { useSpecGrpcMessageEncoding } from "./connect/grpc-message.js";
 import type { GrpcHost } from "./grpc/grpc-host.js";
+import { dropUnusableDeadline } from "./deadlines.js";
 
 const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 
@@ -42,6 +43,7 @@ export function createSinglePortServer(
   const h2 = http2.createServer({});
   const grpc = options.grpc;
   h2.on("stream", (stream, headers, flags, rawHeaders) => {
+    dropUnusableDeadline(headers);
     if (grpc?.accepts(headers)) grpc.serve(stream, headers);
     else compat.emit("stream", stream, headers, flags, rawHeaders);
   });

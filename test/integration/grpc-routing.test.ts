@@ -195,4 +195,28 @@ describe("gRPC beside Connect on one port", () => {
       session.close();
     }
   });
+
+  it("a deadline longer than a timer can wait (grpc-go sends 30 days) is no deadline, on every protocol", async () => {
+    const session = http2.connect(s.baseUrl);
+    try {
+      const path = { ":path": "/aaos.v1.TaskService/CreateTask" };
+      const [grpcLong, webLong, grpcShort] = await Promise.all([
+        request(session, { ...path, "content-type": "application/grpc", te: "trailers", "grpc-timeout": "2592000S" }, frame(createRequest("thirty days"))),
+        request(session, { ...path, "content-type": "application/grpc-web+proto", "grpc-timeout": "99999999H" }, frame(createRequest("forever, on grpc-web"))),
+        request(session, { ...path, "content-type": "application/grpc", te: "trailers", "grpc-timeout": "10S" }, frame(createRequest("ten seconds"))),
+      ]);
+      expect(grpcLong.trailers["grpc-status"]).toBe("0");
+      expect(frames(webLong.body)[1]!.payload.toString()).toMatch(/grpc-status: ?0/);
+      expect(grpcShort.trailers["grpc-status"]).toBe("0");
+    } finally {
+      session.close();
+    }
+    // Connect over HTTP/1.1, with its own header.
+    const connect = await fetch(`${s.baseUrl}/aaos.v1.TaskService/CreateTask`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "connect-timeout-ms": "9999999999" },
+      body: JSON.stringify({ taskType: "TASK_TYPE_QA", description: "long connect deadline" }),
+    });
+    expect(connect.status).toBe(200);
+  });
 });

@@ -55,7 +55,8 @@ export function createGrpcHost(options: GrpcHostOptions): GrpcHost {
   // carry); those lines belong in our log, not on stderr. Process-wide, as
   // grpc-js's logger is.
   grpc.setLogger({ error: (...args: unknown[]) => options.log.info({ component: "grpc-js" }, args.map(String).join(" ")) });
-  grpc.setLogVerbosity(grpc.logVerbosity.ERROR);
+  // GRPC_VERBOSITY / GRPC_TRACE, when set, still turn on grpc-js's debugging.
+  if (process.env.GRPC_VERBOSITY === undefined) grpc.setLogVerbosity(grpc.logVerbosity.ERROR);
   const server = new grpc.Server({
     "grpc.max_receive_message_length": options.maxMessageBytes,
     // Channelz would track every call and session for a service we do not expose.
@@ -196,8 +197,9 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
       over = true;
       if (ctx.signal.reason === CLIENT_CANCELLED) return; // nobody to tell
       sendHead();
-      // grpc-js's way to end a stream with a status.
-      call.emit("error", statusOf(e));
+      // grpc-js's way to end a stream with a status. A wait cut short by the
+      // deadline rejects with a bare AbortError; the reason says what happened.
+      call.emit("error", statusOf(ctx.signal.aborted ? ctx.signal.reason : e));
     }
   };
 
@@ -212,7 +214,7 @@ function handlerFor(method: DescMethod, impl: Impl, options: GrpcHostOptions) {
             callback(null, res, metadataOf(ctx.responseTrailer));
           } catch (e: unknown) {
             sendHead();
-            callback(statusOf(e));
+            callback(statusOf(ctx.signal.aborted ? ctx.signal.reason : e));
           } finally {
             ctx.abort(CALL_ENDED);
           }
