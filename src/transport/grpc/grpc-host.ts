@@ -120,10 +120,9 @@ function encode(schema: DescMessage, res: unknown): Uint8Array {
   return toBinary(schema, isMessage(res, schema) ? res : create(schema, res as never));
 }
 
-function headersOf(metadata: grpc.Metadata): Headers {
-  const headers = new Headers();
-  for (const [key, value] of Object.entries(metadata.getMap())) headers.append(key, typeof value === "string" ? value : value.toString("base64"));
-  return headers;
+/** Request metadata as header pairs: `createHandlerContext` makes the one `Headers` object from them. */
+function headersOf(metadata: grpc.Metadata): Array<[string, string]> {
+  return Object.entries(metadata.getMap()).map(([key, value]) => [key, typeof value === "string" ? value : value.toString("base64")]);
 }
 
 function metadataOf(headers: Headers, into = new grpc.Metadata()): grpc.Metadata {
