@@ -19,6 +19,7 @@ import { AgentService } from "../../gen/aaos/v1/agent_service_pb.js";
 import { TaskStatus, TaskType } from "../../gen/aaos/v1/task_pb.js";
 import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
 import { GrpcAgent, fromStruct, grpcClient, toStruct, unary, type TestAgent } from "../support/clients.js";
+import { frame, rawRequest } from "../support/raw-http2.js";
 
 const PROTO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../proto");
 
@@ -347,31 +348,11 @@ describe("bad input is refused with the right code (embedded)", () => {
   it("a garbage gRPC body gets a gRPC error status, and the same HTTP/2 connection keeps working", async () => {
     const session = http2.connect(s.baseUrl);
     try {
-      const call = (body: Buffer) =>
-        new Promise<{ status: number; grpcStatus: string | undefined; message: string | undefined; data: Buffer }>((resolve, reject) => {
-          const req = session.request({ ":method": "POST", ":path": "/aaos.v1.TaskService/CreateTask", "content-type": "application/grpc", te: "trailers" });
-          let status = 0;
-          let trailers: http2.IncomingHttpHeaders = {};
-          let headers: http2.IncomingHttpHeaders = {};
-          const chunks: Buffer[] = [];
-          req.on("response", (h) => {
-            headers = h;
-            status = Number(h[":status"]);
-          });
-          req.on("trailers", (t) => (trailers = t));
-          req.on("data", (c: Buffer) => chunks.push(c));
-          req.on("end", () => {
-            const g = trailers["grpc-status"] ?? headers["grpc-status"];
-            const m = trailers["grpc-message"] ?? headers["grpc-message"];
-            resolve({ status, grpcStatus: g === undefined ? undefined : String(g), message: m === undefined ? undefined : decodeURIComponent(String(m)), data: Buffer.concat(chunks) });
-          });
-          req.on("error", reject);
-          req.end(body);
-        });
-      const frame = (payload: Buffer) => {
-        const head = Buffer.alloc(5);
-        head.writeUInt32BE(payload.length, 1);
-        return Buffer.concat([head, payload]);
+      const call = async (body: Buffer) => {
+        const r = await rawRequest(session, { ":path": "/aaos.v1.TaskService/CreateTask", "content-type": "application/grpc", te: "trailers" }, body);
+        const g = r.trailers["grpc-status"] ?? r.headers["grpc-status"];
+        const m = r.trailers["grpc-message"] ?? r.headers["grpc-message"];
+        return { status: Number(r.headers[":status"]), grpcStatus: g === undefined ? undefined : String(g), message: m === undefined ? undefined : decodeURIComponent(String(m)), data: r.body };
       };
       // Field 1 (varint) with a truncated value, then random bytes: not a CreateTaskRequest.
       const garbage = Buffer.concat([Buffer.from([0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]), randomBytes(64)]);

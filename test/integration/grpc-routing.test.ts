@@ -13,46 +13,7 @@ import { CreateTaskRequestSchema, CreateTaskResponseSchema, WatchTaskRequestSche
 import { TaskStatus, TaskType } from "../../gen/aaos/v1/task_pb.js";
 import { startServer, type TestServer } from "../support/server.js";
 import { grpcClient, toStruct } from "../support/clients.js";
-
-interface RawReply {
-  headers: http2.IncomingHttpHeaders;
-  trailers: http2.IncomingHttpHeaders;
-  body: Buffer;
-}
-
-function request(session: http2.ClientHttp2Session, headers: http2.OutgoingHttpHeaders, body: Buffer): Promise<RawReply> {
-  return new Promise((resolve, reject) => {
-    const req = session.request({ ":method": "POST", ...headers });
-    let head: http2.IncomingHttpHeaders = {};
-    let trailers: http2.IncomingHttpHeaders = {};
-    const chunks: Buffer[] = [];
-    req.on("response", (h) => (head = h));
-    req.on("trailers", (t) => (trailers = t));
-    req.on("data", (c: Buffer) => chunks.push(c));
-    req.on("end", () => resolve({ headers: head, trailers, body: Buffer.concat(chunks) }));
-    req.on("error", reject);
-    req.end(body);
-  });
-}
-
-/** One length-prefixed message, as gRPC and gRPC-Web frame it. */
-function frame(payload: Uint8Array, flags = 0): Buffer {
-  const head = Buffer.alloc(5);
-  head[0] = flags;
-  head.writeUInt32BE(payload.length, 1);
-  return Buffer.concat([head, payload]);
-}
-
-/** The frames of a gRPC / gRPC-Web body. */
-function frames(body: Buffer): Array<{ flags: number; payload: Buffer }> {
-  const out: Array<{ flags: number; payload: Buffer }> = [];
-  for (let at = 0; at + 5 <= body.length; ) {
-    const length = body.readUInt32BE(at + 1);
-    out.push({ flags: body[at]!, payload: body.subarray(at + 5, at + 5 + length) });
-    at += 5 + length;
-  }
-  return out;
-}
+import { frame, frames, rawRequest as request } from "../support/raw-http2.js";
 
 const createRequest = (description: string) => toBinary(CreateTaskRequestSchema, create(CreateTaskRequestSchema, { taskType: TaskType.QA, description, priority: 4 }));
 
