@@ -219,11 +219,20 @@ export function createInProcessQueue(options: InProcessQueueOptions = {}): Prior
     return { ...best };
   }
 
+  function nextSeq(): number {
+    assertOpen();
+    if (lastSeq >= MAX_SEQ) throw new RangeError("queue seq space exhausted");
+    return ++lastSeq;
+  }
+
   return {
     async allocateSeq() {
-      assertOpen();
-      if (lastSeq >= MAX_SEQ) throw new RangeError("queue seq space exhausted");
-      return ++lastSeq;
+      return nextSeq();
+    },
+
+    async allocateSeqFirst(types, priority) {
+      const seq = nextSeq();
+      return { seq, first: [...new Set(types)].every((type) => (peekLive(type)?.priority ?? -1) < priority) };
     },
 
     async enqueue(entry) {

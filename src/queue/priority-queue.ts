@@ -31,6 +31,13 @@ export interface PriorityQueue {
    * never be numbered ahead of older ones.
    */
   allocateSeq(): Promise<number>;
+  /**
+   * {@link allocateSeq}, and in the same step whether an entry with that seq
+   * and `priority` would be the next that `claim(types)` returns: nothing is
+   * queued among `types` at `priority` or above. A create uses it to hand a
+   * task straight to a waiting agent without overtaking queued work.
+   */
+  allocateSeqFirst(types: readonly TaskType[], priority: number): Promise<{ seq: number; first: boolean }>;
   /** Adds an entry; adding a task already queued is a no-op. */
   enqueue(entry: QueueEntry): Promise<void>;
   /**

@@ -130,6 +130,22 @@ return redis.call('INCR', KEYS[1])
 `;
 
 /**
+ * ALLOCATE_LUA, then KEYS[2..]: type keys; ARGV[1]: the score bound of the
+ * priority asked about ((11 - priority) * 2^40, exclusive). Returns {seq, 1}
+ * when no entry of those types has that priority or a higher one, else {seq, 0}.
+ */
+const ALLOCATE_FIRST_LUA = `
+if redis.call('EXISTS', KEYS[1] .. ':rebuilt') == 0 then
+  return redis.error_reply('AAOSRESET the queue lost its data and is being rebuilt from the database')
+end
+local seq = redis.call('INCR', KEYS[1])
+for i = 2, #KEYS do
+  if redis.call('ZCOUNT', KEYS[i], '-inf', '(' .. ARGV[1]) > 0 then return {seq, 0} end
+end
+return {seq, 1}
+`;
+
+/**
  * KEYS: every type key. ARGV: 12 band bounds, bound[i] = i * 2^40.
  * Returns {total, count of priority 10, 9, ..., 0} from one consistent snapshot.
  */
@@ -152,6 +168,7 @@ interface QueueScripts {
   aaosReconcile(numKeys: number, ...args: ScriptArg[]): Promise<number>;
   aaosDepth(numKeys: number, ...args: ScriptArg[]): Promise<number[]>;
   aaosAllocate(numKeys: number, ...args: ScriptArg[]): Promise<number>;
+  aaosAllocateFirst(numKeys: number, ...args: ScriptArg[]): Promise<[number, number]>;
 }
 
 /**
@@ -224,6 +241,7 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
   client.defineCommand("aaosReconcile", { lua: RECONCILE_LUA });
   client.defineCommand("aaosDepth", { lua: DEPTH_LUA });
   client.defineCommand("aaosAllocate", { lua: ALLOCATE_LUA });
+  client.defineCommand("aaosAllocateFirst", { lua: ALLOCATE_FIRST_LUA });
   const resetListeners = new Set<() => void>();
   const signalReset = () => {
     for (const l of resetListeners) queueMicrotask(l);
@@ -287,17 +305,29 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     return out;
   }
 
+  /** Runs an allocation script; a lost-data refusal asks for a rebuild. */
+  async function allocating<T>(script: () => Promise<T>): Promise<T> {
+    try {
+      return await script();
+    } catch (e: unknown) {
+      if (e instanceof Error && e.message.startsWith("AAOSRESET")) signalReset();
+      throw e;
+    }
+  }
+
   return {
     async allocateSeq() {
-      let seq: number;
-      try {
-        seq = await client.aaosAllocate(1, seqKey);
-      } catch (e: unknown) {
-        if (e instanceof Error && e.message.startsWith("AAOSRESET")) signalReset();
-        throw e;
-      }
+      const seq = await allocating(() => client.aaosAllocate(1, seqKey));
       if (seq > MAX_SEQ) throw new RangeError("queue seq space exhausted");
       return seq;
+    },
+
+    async allocateSeqFirst(types, priority) {
+      const wanted = [...new Set(types)];
+      const bound = String((MAX_PRIORITY + 1 - priority) * SEQ_SPAN);
+      const [seq, first] = await allocating(() => client.aaosAllocateFirst(1 + wanted.length, seqKey, ...wanted.map(typeKey), bound));
+      if (seq > MAX_SEQ) throw new RangeError("queue seq space exhausted");
+      return { seq, first: first === 1 };
     },
 
     async enqueue(entry) {

@@ -194,6 +194,26 @@ for (const factory of factories) {
       expect(Math.min(...concurrent)).toBeGreaterThan(previous);
     });
 
+    it("tells with a new seq whether an entry of that priority would be claimed first for the given types", async () => {
+      const q = make();
+      expect(await q.allocateSeqFirst(["code", "qa"], 0)).toEqual({ seq: expect.any(Number), first: true });
+      await q.enqueue(entry("qa-5", 5, await q.allocateSeq(), "qa"));
+      await q.enqueue(entry("research-9", 9, await q.allocateSeq(), "research"));
+      // Queued work of the same or a higher priority among the types comes first.
+      expect((await q.allocateSeqFirst(["code", "qa"], 5)).first).toBe(false);
+      expect((await q.allocateSeqFirst(["code", "qa"], 4)).first).toBe(false);
+      // Lower priorities, and types outside the set, do not.
+      expect((await q.allocateSeqFirst(["code", "qa"], 6)).first).toBe(true);
+      expect((await q.allocateSeqFirst(["code"], 0)).first).toBe(true);
+      expect((await q.allocateSeqFirst(["research"], 9)).first).toBe(false);
+      expect((await q.allocateSeqFirst(["research"], 10)).first).toBe(true);
+      // The seq is a real allocation: strictly above the last one.
+      const last = await q.allocateSeq();
+      expect((await q.allocateSeqFirst(["code"], 3)).seq).toBeGreaterThan(last);
+      await q.claim(["qa"]);
+      expect((await q.allocateSeqFirst(["code", "qa"], 0)).first).toBe(true);
+    });
+
     it("keeps order with many concurrent producers", async () => {
       const q = make();
       const producers = 20;
@@ -479,7 +499,9 @@ describe("redis queue: failure behaviour", () => {
     raw.disconnect();
     expect(await q.intact()).toBe(false);
     await expect(q.allocateSeq()).rejects.toThrow(/rebuilt/);
-    await vi.waitFor(() => expect(resets).toBe(1));
+    await expect(q.allocateSeqFirst(["code"], 5)).rejects.toThrow(/rebuilt/);
+    // Each refusal asks for the rebuild.
+    await vi.waitFor(() => expect(resets).toBe(2));
     await q.reconcile([entry("old", 5, 41)], 42);
     expect(await q.allocateSeq()).toBe(43);
     expect(await q.claim(["code"])).toEqual(entry("old", 5, 41));
