@@ -214,7 +214,12 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
       lockSql: lockTasksSql(fork()),
     });
     writes = batcher;
-    writer = { dialect: "postgresql", fork, batch: (template, row, taskId) => batcher.runSet(template, row, taskId) };
+    writer = {
+      dialect: "postgresql",
+      fork,
+      batch: (template, row, taskId) => batcher.runSet(template, row, taskId),
+      batchAll: (statements) => batcher.runSets(statements),
+    };
   } else {
     type Work = (em: EntityManager) => Promise<unknown>;
     // SQLite has one writer: one transaction at a time, each sharing its fsync among the units in it.
@@ -232,7 +237,12 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
       retryAlone: () => true,
     });
     writes = group;
-    writer = { dialect: "sqlite", fork, transact: <T>(work: (em: EntityManager) => Promise<T>) => group.run(work) as Promise<T> };
+    writer = {
+      dialect: "sqlite",
+      fork,
+      transact: <T>(work: (em: EntityManager) => Promise<T>) => group.run(work) as Promise<T>,
+      transactAll: <T>(works: Array<(em: EntityManager) => Promise<T>>) => group.runAll(works) as Array<Promise<T>>,
+    };
   }
   let closed: Promise<void> | undefined;
   return {

@@ -1,6 +1,6 @@
 import { raw } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/sql";
-import type { AuditEntry, ListTasksFilter, NewTask, TaskRepository } from "../tasks/task-repository.js";
+import type { AuditEntry, Lease, ListTasksFilter, NewTask, TaskRepository } from "../tasks/task-repository.js";
 import {
   isTaskStatus,
   isTaskType,
@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { insertTask, tasksTable, updateTask, type AuditSpec, type TaskValues, type TaskWriter } from "./task-sql.js";
+import { insertTask, insertThenUpdate, tasksTable, updateTask, type AuditSpec, type TaskProperty, type TaskValues, type TaskWriter } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -57,6 +57,50 @@ function toRecord(row: Task): TaskRecord {
   };
 }
 
+/** Every column of a new, PENDING task. */
+function newTaskValues(task: NewTask): Record<TaskProperty, unknown> {
+  return {
+    taskId: task.taskId,
+    taskType: task.taskType,
+    description: task.description,
+    priority: task.priority,
+    status: "pending",
+    metadataJson: JSON.stringify(task.metadata),
+    agentId: null,
+    attempt: 0,
+    maxAttempts: task.maxAttempts,
+    resultJson: null,
+    error: null,
+    correlationId: task.correlationId,
+    seq: task.seq,
+    createdAt: task.createdAt,
+    updatedAt: task.createdAt,
+    assignedAt: null,
+    completedAt: null,
+    failedAttempts: 0,
+    timeoutMs: task.timeoutMs,
+    leaseExpiresAt: null,
+    runAt: null,
+    idempotencyKey: task.idempotencyKey,
+    requestHash: task.requestHash,
+  };
+}
+
+function auditSpec(audit: AuditEntry): AuditSpec {
+  const spec: AuditSpec = { action: audit.action, fromStatus: audit.fromStatus, agentId: audit.agentId, correlationId: audit.correlationId };
+  if (audit.details) spec.details = audit.details;
+  return spec;
+}
+
+/** pending → assigned: the compare-and-set, the change and its audit row. */
+function assignment({ agentId, now, correlationId, leaseExpiresAt }: Lease): { expected: TaskValues; set: TaskValues; audit: AuditSpec } {
+  return {
+    expected: { status: "pending" },
+    set: { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
+    audit: { action: "task.assigned", fromStatus: "pending", agentId, correlationId, withAttempt: true },
+  };
+}
+
 /**
  * TaskRepository over MikroORM. Each state change is one set-based UPDATE whose
  * WHERE carries the expected state (the compare-and-set), written in the same
@@ -79,38 +123,18 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
   }
 
   return {
-    async insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
-      const spec: AuditSpec = { action: audit.action, fromStatus: audit.fromStatus, agentId: audit.agentId, correlationId: audit.correlationId };
-      if (audit.details) spec.details = audit.details;
-      return insertTask(
-        deps,
-        {
-          taskId: task.taskId,
-          taskType: task.taskType,
-          description: task.description,
-          priority: task.priority,
-          status: "pending",
-          metadataJson: JSON.stringify(task.metadata),
-          agentId: null,
-          attempt: 0,
-          maxAttempts: task.maxAttempts,
-          resultJson: null,
-          error: null,
-          correlationId: task.correlationId,
-          seq: task.seq,
-          createdAt: task.createdAt,
-          updatedAt: task.createdAt,
-          assignedAt: null,
-          completedAt: null,
-          failedAttempts: 0,
-          timeoutMs: task.timeoutMs,
-          leaseExpiresAt: null,
-          runAt: null,
-          idempotencyKey: task.idempotencyKey,
-          requestHash: task.requestHash,
-        },
-        spec,
-      );
+    insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
+      return insertTask(deps, newTaskValues(task), auditSpec(audit));
+    },
+
+    async insertAssigned(task, audit, lease) {
+      const [inserted, leased] = insertThenUpdate(deps, newTaskValues(task), auditSpec(audit), assignment(lease));
+      // Only when retried apart can the lease fail alone: the task is then
+      // PENDING (or, if the failure hid a commit, leased to an agent that
+      // never got it, and its lease expires); either way the caller queues
+      // it. Handled before awaiting the insert, which may reject as well.
+      const assigned = leased.catch(() => null);
+      return { created: await inserted, assigned: await assigned };
     },
 
     async deleteUnqueued(taskId: string): Promise<void> {
@@ -148,12 +172,8 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     },
 
     assign(taskId, agentId, now, correlationId, leaseExpiresAt) {
-      return transition(
-        taskId,
-        { status: "pending" },
-        { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
-        { action: "task.assigned", fromStatus: "pending", agentId, correlationId, withAttempt: true },
-      );
+      const { expected, set, audit } = assignment({ agentId, now, correlationId, leaseExpiresAt });
+      return transition(taskId, expected, set, audit);
     },
 
     complete(taskId, agentId, attempt, result, now) {

@@ -71,8 +71,20 @@ export type TaskRow = Record<string, unknown>;
  * transaction (`transact`).
  */
 export type TaskWriter =
-  | { dialect: "sqlite"; fork(): EntityManager; transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T> }
-  | { dialect: "postgresql"; fork(): EntityManager; batch(template: SetTemplate, row: unknown[], taskId: string): Promise<TaskRow[]> };
+  | {
+      dialect: "sqlite";
+      fork(): EntityManager;
+      transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T>;
+      /** Units committed together, in order (group-commit.ts `runAll`). */
+      transactAll<T>(works: Array<(em: EntityManager) => Promise<T>>): Array<Promise<T>>;
+    }
+  | {
+      dialect: "postgresql";
+      fork(): EntityManager;
+      batch(template: SetTemplate, row: unknown[], taskId: string): Promise<TaskRow[]>;
+      /** Statements committed together, in order (group-commit.ts `runAll`); `lockKey` is the task id. */
+      batchAll(statements: Array<{ template: SetTemplate; row: unknown[]; lockKey: string }>): Array<Promise<TaskRow[]>>;
+    };
 
 function parseObject(text: unknown): JsonObject | null {
   if (text == null || text === "") return null;
@@ -474,17 +486,58 @@ function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit
 
 /**
  * SQLite: `statement` (an INSERT or UPDATE on tasks ending in `returning *`)
- * and the audit row of the change, as one unit of work committed with
- * whatever other units arrived meanwhile.
+ * and the audit row of the change, as one unit of work for a group commit
+ * (`transact`), which commits it with whatever other units arrived meanwhile.
  */
-async function withAudit(db: TaskWriter & { dialect: "sqlite" }, t: Tables, statement: string, params: unknown[], audit: AuditSpec): Promise<TaskRecord | null> {
-  return db.transact(async (tx) => {
-    const rows = await tx.execute<TaskRow[]>(statement, params, "all");
+function withAudit(t: Tables, statement: { sql: string; params: unknown[] }, audit: AuditSpec): (tx: EntityManager) => Promise<TaskRecord | null> {
+  return async (tx) => {
+    const rows = await tx.execute<TaskRow[]>(statement.sql, statement.params, "all");
     if (!rows[0]) return null;
     const after = rowToRecord(rows[0]);
     await tx.execute(t.insertAuditSql, auditValues(audit, after), "run");
     return after;
-  });
+  };
+}
+
+/** SQLite: `UPDATE tasks SET … WHERE task_id = ? AND <expected> RETURNING *`. */
+function sqliteUpdate(t: Tables, taskId: string, expected: TaskValues, set: TaskValues): { sql: string; params: unknown[] } {
+  const params: unknown[] = [];
+  const assignments: string[] = [];
+  for (const [key, value] of Object.entries(set)) {
+    if (value === undefined) continue;
+    assignments.push(`${t.quote(TASK_COLUMNS[key as TaskProperty])} = ${valueSql(value, params)}`);
+  }
+  const conditions = [`${t.quote("task_id")} = ?`];
+  params.push(taskId);
+  for (const [key, value] of Object.entries(expected)) {
+    if (value === undefined) continue;
+    const column = t.quote(TASK_COLUMNS[key as TaskProperty]);
+    if (value === null) {
+      conditions.push(`${column} is null`);
+    } else {
+      conditions.push(`${column} = ${valueSql(value, params)}`);
+    }
+  }
+  return { sql: `update ${t.tasks} set ${assignments.join(", ")} where ${conditions.join(" and ")} returning *`, params };
+}
+
+/** SQLite: `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given. */
+function sqliteInsert(t: Tables, values: Record<TaskProperty, unknown>): { sql: string; params: unknown[] } {
+  const columns: string[] = [];
+  const placeholders: string[] = [];
+  const params: unknown[] = [];
+  for (const [key, value] of Object.entries(values)) {
+    columns.push(t.quote(TASK_COLUMNS[key as TaskProperty]));
+    placeholders.push(valueSql(value === undefined ? null : value, params));
+  }
+  return { sql: `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`, params };
+}
+
+const firstRecord = (rows: TaskRow[]) => (rows[0] ? rowToRecord(rows[0]) : null);
+
+function inserted(record: TaskRecord | null): TaskRecord {
+  if (!record) throw new Error("insert into tasks returned no row");
+  return record;
 }
 
 /**
@@ -503,49 +556,45 @@ export async function updateTask(
   const t = tablesOf(db);
   if (db.dialect === "postgresql") {
     const { template, row } = updateStatement(t, taskId, expected, set, audit);
-    const rows = await db.batch(template, row, taskId);
-    return rows[0] ? rowToRecord(rows[0]) : null;
+    return firstRecord(await db.batch(template, row, taskId));
   }
-  const params: unknown[] = [];
-  const assignments: string[] = [];
-  for (const [key, value] of Object.entries(set)) {
-    if (value === undefined) continue;
-    assignments.push(`${t.quote(TASK_COLUMNS[key as TaskProperty])} = ${valueSql(value, params)}`);
-  }
-  const conditions = [`${t.quote("task_id")} = ?`];
-  params.push(taskId);
-  for (const [key, value] of Object.entries(expected)) {
-    if (value === undefined) continue;
-    const column = t.quote(TASK_COLUMNS[key as TaskProperty]);
-    if (value === null) {
-      conditions.push(`${column} is null`);
-    } else {
-      conditions.push(`${column} = ${valueSql(value, params)}`);
-    }
-  }
-  const sql = `update ${t.tasks} set ${assignments.join(", ")} where ${conditions.join(" and ")} returning *`;
-  return withAudit(db, t, sql, params, audit);
+  return db.transact(withAudit(t, sqliteUpdate(t, taskId, expected, set), audit));
 }
 
 /** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
 export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audit: AuditSpec): Promise<TaskRecord> {
   const t = tablesOf(db);
-  let record: TaskRecord | null;
   if (db.dialect === "postgresql") {
     const { template, row } = insertStatement(t, values, audit);
-    const rows = await db.batch(template, row, String(values.taskId));
-    record = rows[0] ? rowToRecord(rows[0]) : null;
-  } else {
-    const columns: string[] = [];
-    const placeholders: string[] = [];
-    const params: unknown[] = [];
-    for (const [key, value] of Object.entries(values)) {
-      columns.push(t.quote(TASK_COLUMNS[key as TaskProperty]));
-      placeholders.push(valueSql(value === undefined ? null : value, params));
-    }
-    const sql = `insert into ${t.tasks} (${columns.join(", ")}) values (${placeholders.join(", ")}) returning *`;
-    record = await withAudit(db, t, sql, params, audit);
+    return inserted(firstRecord(await db.batch(template, row, String(values.taskId))));
   }
-  if (!record) throw new Error("insert into tasks returned no row");
-  return record;
+  return inserted(await db.transact(withAudit(t, sqliteInsert(t, values), audit)));
+}
+
+/**
+ * `insertTask`, then `updateTask` on the new row, committed together: one
+ * commit for a task created and changed at once. The two results are
+ * separate because, should the batch be retried alone (group-commit.ts),
+ * the insert may commit while the update fails.
+ */
+export function insertThenUpdate(
+  db: TaskWriter,
+  values: Record<TaskProperty, unknown>,
+  audit: AuditSpec,
+  change: { expected: TaskValues; set: TaskValues; audit: AuditSpec },
+): [inserted: Promise<TaskRecord>, updated: Promise<TaskRecord | null>] {
+  const t = tablesOf(db);
+  const taskId = String(values.taskId);
+  if (db.dialect === "postgresql") {
+    const [first, second] = db.batchAll([
+      { ...insertStatement(t, values, audit), lockKey: taskId },
+      { ...updateStatement(t, taskId, change.expected, change.set, change.audit), lockKey: taskId },
+    ]);
+    return [first!.then((rows) => inserted(firstRecord(rows))), second!.then(firstRecord)];
+  }
+  const [first, second] = db.transactAll([
+    withAudit(t, sqliteInsert(t, values), audit),
+    withAudit(t, sqliteUpdate(t, taskId, change.expected, change.set), change.audit),
+  ]);
+  return [first!.then(inserted), second!];
 }

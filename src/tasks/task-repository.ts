@@ -26,6 +26,14 @@ export interface NewTask {
   requestHash: string | null;
 }
 
+/** Who holds a task, from when, and until when unless renewed. */
+export interface Lease {
+  agentId: string;
+  now: Date;
+  correlationId: string | null;
+  leaseExpiresAt: Date;
+}
+
 export interface ListTasksFilter {
   status?: TaskStatus;
   taskType?: TaskType;
@@ -43,6 +51,14 @@ export interface ListTasksFilter {
  */
 export interface TaskRepository {
   insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord>;
+  /**
+   * `insert`, then `assign` to `lease.agentId`, committed together: a task
+   * handed straight to a waiting agent. `created` is the task as inserted
+   * (PENDING). `assigned` is null when the lease was not written (possible
+   * only if the two were retried apart): the task is then PENDING, and the
+   * caller must queue it.
+   */
+  insertAssigned(task: NewTask, audit: AuditEntry, lease: Lease): Promise<{ created: TaskRecord; assigned: TaskRecord | null }>;
   /** Removes a task that was never queued (used when enqueue fails). */
   deleteUnqueued(taskId: string): Promise<void>;
   get(taskId: string): Promise<TaskRecord | null>;
