@@ -93,7 +93,8 @@ async function takeBackOrphans(deps: AppDeps, clock: () => Date, retry: RetryPol
  * slot is freed; or after `ms`.
  */
 function heldTasksDrained(dispatcher: Dispatcher, ms: number): Promise<boolean> {
-  const idle = () => dispatcher.list().every((s) => s.held.size === 0);
+  // A slot still reserved may yet be filled by a hand-off committing now.
+  const idle = () => dispatcher.list().every((s) => s.held.size === 0 && s.reserved === 0);
   if (idle()) return Promise.resolve(true);
   return new Promise((resolve) => {
     const timer = setTimeout(() => {
@@ -167,6 +168,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       idempotencyTtlMs: config.idempotencyTtlMs,
       accepting: () => accepting,
       repairQueue,
+      reserveAgent: (taskType) => dispatcher.reserve(taskType),
     }),
     agents: agentService,
     metrics: createMetricsService({

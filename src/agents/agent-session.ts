@@ -94,8 +94,15 @@ export class AgentSession {
     return this.held.size - this.settling.size;
   }
 
+  /**
+   * Slots promised to tasks whose leases are being written (by a dispatch
+   * pass or a hand-off, see Dispatcher): taken until delivered or given up,
+   * so two writers never fill the same slot.
+   */
+  reserved = 0;
+
   get freeSlots(): number {
-    return this.state === "active" ? this.maxConcurrency - this.activeTasks : 0;
+    return this.state === "active" ? this.maxConcurrency - this.activeTasks - this.reserved : 0;
   }
 
   /**

@@ -1,12 +1,35 @@
 import type { Logger } from "../telemetry/logger.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
-import type { TaskRepository } from "../tasks/task-repository.js";
+import type { Lease, TaskRepository } from "../tasks/task-repository.js";
+import type { TaskRecord, TaskType } from "../tasks/task-types.js";
 import type { TaskEvents } from "../tasks/task-events.js";
 import type { LatencyWindow } from "../metrics/latency-window.js";
 import type { AgentSession } from "./agent-session.js";
 
 /** Most tasks one session claims per round: bounds a queue call and a batch of lease writes. */
 const MAX_CLAIM = 64;
+
+/** Most sessions a create looks at for a free slot, so its cost stays flat with 10,000 busy agents. */
+const HAND_OFF_SCAN = 64;
+
+/**
+ * A slot of a local agent held for one task being created: the create leases
+ * the task to the agent in the same commit as the insert, and the task never
+ * enters the queue. Ends with `deliver` or `release`, once.
+ */
+export interface HandOff {
+  /** Queued work of these types would reach the agent first: the create must not overtake it. */
+  readonly capabilities: readonly TaskType[];
+  /**
+   * Names the task before its lease is written, so that a cancel arriving
+   * between that commit and `deliver` is not missed, and returns the lease.
+   */
+  begin(taskId: string, now: Date): Lease;
+  /** Gives the leased task to the agent, or back to the queue if the agent left or the instance is stopping. */
+  deliver(task: TaskRecord): Promise<void>;
+  /** The task was not leased (the queue had work first, or the write failed). */
+  release(): void;
+}
 
 export interface DispatcherOptions {
   tasks: TaskRepository;
@@ -41,14 +64,30 @@ export class Dispatcher {
   private readonly unsubscribe: Array<() => void>;
   /** Tasks cancelled while a pass runs: one being leased must not be delivered after its cancel went by. */
   private readonly cancelledDuringPass = new Set<string>();
+  /** Tasks being handed off (task id → whether a cancel went by), for the same reason. */
+  private readonly handingOff = new Map<string, { cancelled: boolean }>();
+  /**
+   * Types a dispatch pass found nothing queued for, with nothing announced
+   * since. A hand-off is offered only to agents whose types are all here:
+   * under a backlog it would hold a freed slot while asking the queue, and
+   * delay the pass that fills that slot. The queue has the final word.
+   */
+  private readonly dryTypes = new Set<TaskType>();
+  /** Where the last hand-off's scan of the sessions stopped, so agents take turns. */
+  private cursor: Iterator<AgentSession> | undefined;
 
   constructor(private readonly o: DispatcherOptions) {
     this.unsubscribe = [
-      o.queue.onAvailable(() => this.kick()),
+      o.queue.onAvailable((taskType) => {
+        this.dryTypes.delete(taskType);
+        this.kick();
+      }),
       // A task cancelled while held here: tell its agent and free the slot.
       o.events.subscribeAll((task) => {
         if (task.status !== "cancelled") return;
         if (this.running) this.cancelledDuringPass.add(task.taskId);
+        const handOff = this.handingOff.get(task.taskId);
+        if (handOff) handOff.cancelled = true;
         if (task.agentId) this.sessions.get(task.agentId)?.cancelled(task.taskId);
       }),
     ];
@@ -86,6 +125,91 @@ export class Dispatcher {
   onSlotFreed(listener: () => void): () => void {
     this.slotListeners.add(listener);
     return () => this.slotListeners.delete(listener);
+  }
+
+  /**
+   * A local session that can take a task of `taskType` now, with a slot held
+   * for it (see {@link HandOff}); agents take turns. Undefined when none of
+   * the sessions looked at has a free slot for the type.
+   */
+  reserve(taskType: TaskType): HandOff | undefined {
+    if (this.stopped) return undefined;
+    for (let looked = 0; looked < Math.min(HAND_OFF_SCAN, this.sessions.size); looked++) {
+      let next = this.cursor?.next();
+      if (!next || next.done) {
+        this.cursor = this.sessions.values();
+        next = this.cursor.next();
+        if (next.done) return undefined;
+      }
+      const session = next.value;
+      if (session.freeSlots > 0 && session.capabilities.includes(taskType) && session.capabilities.every((t) => this.dryTypes.has(t))) {
+        return this.handOffTo(session);
+      }
+    }
+    return undefined;
+  }
+
+  private handOffTo(session: AgentSession): HandOff {
+    session.reserved++;
+    let taskId: string | undefined;
+    let settled = false;
+    /** Gives the slot up; false if it already was. */
+    const settle = () => {
+      if (settled) return false;
+      settled = true;
+      session.reserved--;
+      if (taskId) this.handingOff.delete(taskId);
+      return true;
+    };
+    return {
+      capabilities: session.capabilities,
+      begin: (id, now) => {
+        taskId = id;
+        this.handingOff.set(id, { cancelled: false });
+        return { agentId: session.agentId, now, correlationId: session.correlationId, leaseExpiresAt: new Date(now.getTime() + this.o.leaseTtlMs) };
+      },
+      deliver: async (task) => {
+        const cancelled = this.handingOff.get(task.taskId)?.cancelled === true;
+        if (!settle()) return;
+        // Its cancel found no holder to tell, so it must never reach the agent.
+        if (cancelled) return this.slotFreed();
+        if (this.stopped || session.freeSlots <= 0) {
+          // The agent left (or is being drained) while the lease was written.
+          this.slotFreed();
+          return this.giveBack(task, session.agentId, this.o.clock());
+        }
+        if (task.attempt === 1) this.o.latency.record(this.o.clock().getTime() - task.createdAt.getTime());
+        session.deliver(task);
+        this.o.events.publish(task);
+      },
+      release: () => {
+        // A pass may have passed this slot over while it was held.
+        if (settle()) this.slotFreed();
+      },
+    };
+  }
+
+  /** Hands back a lease its agent cannot take any more, keeping the task's place in line; never throws. */
+  private async giveBack(task: TaskRecord, agentId: string, now: Date): Promise<void> {
+    let back: TaskRecord | null;
+    try {
+      back = await this.o.tasks.release(task.taskId, agentId, task.attempt, "agent went away during assignment", now);
+    } catch (e: unknown) {
+      // The lease, never renewed, expires and the task runs again.
+      this.o.log.warn({ err: e, task_id: task.taskId }, "could not hand back a lease its agent left");
+      return;
+    }
+    if (!back) return;
+    this.o.events.publish(back);
+    try {
+      await this.o.queue.enqueue({ taskId: back.taskId, taskType: back.taskType, priority: back.priority, seq: back.seq });
+    } catch (e: unknown) {
+      // A rebuild comes too late if this instance is stopping: mark the task
+      // due as well, and any instance's sweeper queues it.
+      this.o.log.warn({ err: e, task_id: task.taskId }, "the queue refused a handed-back task; leaving it to the sweepers");
+      await this.o.tasks.queueLater(back.taskId, now).catch(() => undefined);
+      this.o.repairQueue("a released task may not be queued");
+    }
   }
 
   /** Requests a dispatch pass. */
@@ -141,6 +265,12 @@ export class Dispatcher {
         if (session.freeSlots <= 0 || hasNoWork(session)) continue;
         const want = Math.min(MAX_CLAIM, Math.max(1, Math.floor(session.freeSlots / candidates.length)));
         const { claimed, dry } = await this.assignSome(session, want);
+        // A type announced while this claim was on its way may be marked dry
+        // wrongly; that costs a hand-off attempt, not order (the queue checks).
+        for (const type of session.capabilities) {
+          if (dry) this.dryTypes.add(type);
+          else this.dryTypes.delete(type);
+        }
         if (dry) exhausted.push(new Set(session.capabilities));
         else if (claimed > 0 && session.freeSlots > 0) stillHungry.push(session);
       }
@@ -154,12 +284,27 @@ export class Dispatcher {
    * fewer than asked for these types.
    */
   private async assignSome(session: AgentSession, want: number): Promise<{ claimed: number; dry: boolean }> {
-    const entries = await this.o.queue.claimBatch(session.capabilities, want);
     const now = this.o.clock();
     const leaseExpiresAt = new Date(now.getTime() + this.o.leaseTtlMs);
-    const outcomes = await Promise.allSettled(
-      entries.map((entry) => this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, leaseExpiresAt)),
-    );
+    const entries = await this.o.queue.claimBatch(session.capabilities, want);
+    const claimed = entries.length;
+    // Slots are not held during the claim (that would turn hand-offs away
+    // whenever a pass runs), so a create may have taken one meanwhile, or the
+    // session closed: what no longer fits goes back, keeping its place.
+    const surplus = entries.splice(Math.max(0, session.freeSlots));
+    // Held while their leases are written, so no create hands a task to them meanwhile.
+    session.reserved += entries.length;
+    let outcomes: Array<PromiseSettledResult<TaskRecord | null>>;
+    try {
+      if (surplus.length > 0) {
+        await Promise.all(surplus.map((entry) => this.o.queue.enqueue(entry))).catch(() => this.o.repairQueue("claimed tasks could not be put back"));
+      }
+      outcomes = await Promise.allSettled(
+        entries.map((entry) => this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, leaseExpiresAt)),
+      );
+    } finally {
+      session.reserved -= entries.length;
+    }
     let failure: unknown;
     for (const [i, outcome] of outcomes.entries()) {
       const entry = entries[i]!;
@@ -177,15 +322,8 @@ export class Dispatcher {
       if (this.cancelledDuringPass.has(task.taskId)) continue;
       if (session.freeSlots <= 0) {
         // The session closed (or filled) while we were assigning: give the
-        // lease straight back. A failure here must not strand the rest of the
-        // batch; the lease, never renewed, expires and the task runs again.
-        try {
-          const back = await this.o.tasks.release(task.taskId, session.agentId, task.attempt, "agent went away during assignment", now);
-          if (back) await this.o.queue.enqueue(entry);
-        } catch (e: unknown) {
-          failure ??= e;
-          this.o.repairQueue("a released task may not be queued");
-        }
+        // lease straight back, without stranding the rest of the batch.
+        await this.giveBack(task, session.agentId, now);
         continue;
       }
       if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
@@ -193,7 +331,7 @@ export class Dispatcher {
       this.o.events.publish(task);
     }
     if (failure !== undefined) throw failure;
-    return { claimed: entries.length, dry: entries.length < want };
+    return { claimed, dry: claimed < want };
   }
 
   /** Stops dispatching; sessions are closed by their transports. Safe twice. */

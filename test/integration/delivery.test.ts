@@ -7,7 +7,9 @@
 import { afterEach, describe, expect, it } from "vitest";
 import * as grpc from "@grpc/grpc-js";
 import pg from "pg";
-import { TEST_POSTGRES_URL } from "../support/services.js";
+import { Redis } from "ioredis";
+import { uuidv7 } from "../../src/ids.js";
+import { TEST_POSTGRES_URL, TEST_REDIS_URL } from "../support/services.js";
 import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
 import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
 
@@ -50,6 +52,28 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     await blocker.query("BEGIN");
     await blocker.query(`SELECT 1 FROM "${s.data.schema}".tasks WHERE task_id = $1 FOR UPDATE`, [taskId]);
     return blocker;
+  }
+
+  /**
+   * Runs one task of `taskType` through `agent` and returns once it is
+   * acknowledged. By then a dispatch pass has found nothing queued for the
+   * agent's types, which is when a create may be handed straight to it.
+   */
+  async function warmUp(s: TestServer, agent: TestAgent, taskType: string): Promise<void> {
+    const before = agent.assignments.length;
+    const acks = agent.frames.filter((f) => f.type === "completion_ack").length;
+    const id = (await post(s, "/tasks", { task_type: taskType, description: "warm-up" })).body.task_id as string;
+    await agent.waitForFrame("task_assignment", before + 1);
+    agent.complete(id, {});
+    await agent.waitForFrame("completion_ack", acks + 1);
+  }
+
+  /** Sessions waiting on a lock the test's own connection holds. */
+  async function lockWaiters(client: pg.Client): Promise<number[]> {
+    // Inside a transaction, pg_stat_activity is a snapshot taken at its first read.
+    await client.query("SELECT pg_stat_clear_snapshot()");
+    const r = await client.query("SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))");
+    return r.rows.map((row: { pid: number }) => row.pid);
   }
 
   it.skipIf(!available)("a retryable failure comes back after a backoff at its priority; the next attempt completes", async () => {
@@ -121,6 +145,98 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     }
   });
 
+  it.skipIf(!available)("a task created while an agent has a free slot is leased to it in the create's own commit", async () => {
+    const s = await start(name);
+    const a = track(await GrpcAgent.connect(s.port, { capabilities: ["documentation", "qa"], maxConcurrency: 2 }));
+    await warmUp(s, a, "qa");
+    const { status, body } = await post(s, "/tasks", { task_type: "documentation", description: "straight through", priority: 4 });
+    // The answer is the task as created, whoever holds it by now.
+    expect(status).toBe(201);
+    expect(body).toMatchObject({ status: "pending", message: "Task queued successfully" });
+    await a.waitForFrame("task_assignment", 2);
+    expect(a.assignments[1]).toMatchObject({ taskId: body.task_id, attempt: 1, priority: 4 });
+    const task = await getTask(s, body.task_id);
+    expect(task).toMatchObject({ status: "assigned", attempt: 1, agent_id: a.agentId });
+    // Leased in the same commit as the insert: it never waited in the queue.
+    expect(task.assigned_at).toBe(task.created_at);
+    const trail = await s.persistence.tasks.auditTrail(body.task_id);
+    expect(trail).toMatchObject([
+      { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null },
+      { action: "task.assigned", fromStatus: "pending", toStatus: "assigned", agentId: a.agentId, details: { attempt: 1 } },
+    ]);
+    a.complete(body.task_id, { done: true });
+    await a.waitForFrame("completion_ack", 2);
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "completed", result: { done: true } });
+  });
+
+  it.skipIf(!available || name === "embedded")("a new task is never handed past queued work its agent would take first, even before that work is announced", async () => {
+    const s = await start(name);
+    const coder = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
+    await warmUp(s, coder, "code");
+    // What another instance leaves when its "work queued" announcement is
+    // still on the way: a PENDING task in the database and in the queue, and
+    // no signal here, so this instance still believes the queue is empty.
+    const redis = new Redis(TEST_REDIS_URL);
+    const older = uuidv7();
+    try {
+      const seq = await redis.incr(`{${s.data.prefix}}:seq`);
+      await s.persistence.tasks.insert(
+        { taskId: older, taskType: "code", description: "older", priority: 5, metadata: {}, maxAttempts: 3, correlationId: "other-instance", seq, createdAt: new Date(), timeoutMs: null, idempotencyKey: null, requestHash: null },
+        { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null, correlationId: "other-instance" },
+      );
+      await redis.zadd(`{${s.data.prefix}}:q:code`, String(5 * 2 ** 40 + seq), older);
+    } finally {
+      redis.disconnect();
+    }
+    const newer = (await post(s, "/tasks", { task_type: "code", description: "newer", priority: 5 })).body.task_id as string;
+    await coder.waitForFrame("task_assignment", 2);
+    expect(coder.assignments.slice(1).map((x) => x.taskId)).toEqual([older]);
+    coder.complete(older, {});
+    await coder.waitForFrame("task_assignment", 3);
+    expect(coder.assignments.slice(1).map((x) => x.taskId)).toEqual([older, newer]);
+  });
+
+  it.skipIf(!available || name === "embedded")("an agent that leaves while a task is being handed to it loses nothing: the task runs on the next agent", async () => {
+    const s = await start(name);
+    const tasks = `"${s.data.schema}".tasks`;
+    // The create will wait on the key's unique index: a twin of a committed
+    // task holds the same key in a transaction the test keeps open.
+    const template = (await post(s, "/tasks", { task_type: "trading", description: "template" })).body.task_id as string;
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    const leaving = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
+    await warmUp(s, leaving, "code");
+    let created: ReturnType<typeof post>;
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(
+        `INSERT INTO ${tasks} SELECT (jsonb_populate_record(null::${tasks}, to_jsonb(t) || jsonb_build_object('task_id', gen_random_uuid()::text, 'idempotency_key', 'held-key'))).* FROM ${tasks} t WHERE task_id = $1`,
+        [template],
+      );
+      created = post(s, "/tasks", { task_type: "code", description: "handed over" }, { "Idempotency-Key": "held-key" });
+      await eventually(async () => (await lockWaiters(blocker)).length === 1, 5000, "the create's insert waiting on the key");
+      leaving.kill();
+      await eventually(async () => (await s.persistence.agents.list()).find((x) => x.agentId === leaving.agentId)?.status === "disconnected", 5000, "the agent's session closed");
+      await blocker.query("ROLLBACK");
+    } finally {
+      await blocker.end();
+    }
+    const { status, body } = await created!;
+    expect(status).toBe(201);
+    const next = track(await GrpcAgent.connect(s.port, { capabilities: ["code"] }));
+    await next.waitForFrame("task_assignment");
+    expect(next.assignments[0]).toMatchObject({ taskId: body.task_id, attempt: 2 });
+    expect(leaving.assignments).toHaveLength(1);
+    const trail = await s.persistence.tasks.auditTrail(body.task_id);
+    expect(trail.map((r) => [r.action, r.agentId])).toEqual([
+      ["task.created", null],
+      ["task.assigned", leaving.agentId],
+      ["task.requeued", leaving.agentId],
+      ["task.assigned", next.agentId],
+    ]);
+    expect(await getTask(s, body.task_id)).toMatchObject({ status: "assigned", failed_attempts: 0 });
+  });
+
   it.skipIf(!available)("an idempotency key returns the original task for a repeat and refuses a different request", async () => {
     const s = await start(name);
     const body = { task_type: "trading", description: "buy the dip", priority: 9, metadata: { b: 1, a: [1, 2] } };
@@ -181,8 +297,8 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
       await a.waitForFrame("task_assignment", 2);
       // The connection recording the result dies: whether it committed is unknown to the service.
       const waiting = await eventually(async () => {
-        const r = await blocker.query("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%tasks%' AND pid <> pg_backend_pid()");
-        return r.rows.length === 1 ? (r.rows[0] as { pid: number }).pid : null;
+        const pids = await lockWaiters(blocker);
+        return pids.length === 1 ? pids[0] : null;
       }, 5000, "the result's statement waiting on the row lock");
       await blocker.query("SELECT pg_terminate_backend($1)", [waiting]);
       await a.waitFor((x) => x.frames.some((f) => f.type === "error"), 5000, "the result refused");
