@@ -1,5 +1,5 @@
 import type { Logger } from "../telemetry/logger.js";
-import type { PriorityQueue } from "../queue/priority-queue.js";
+import type { PriorityQueue, QueueEntry } from "../queue/priority-queue.js";
 import type { Lease, TaskRepository } from "../tasks/task-repository.js";
 import type { TaskRecord, TaskType } from "../tasks/task-types.js";
 import type { TaskEvents } from "../tasks/task-events.js";
@@ -73,6 +73,12 @@ export class Dispatcher {
    * delay the pass that fills that slot. The queue has the final word.
    */
   private readonly dryTypes = new Set<TaskType>();
+  /**
+   * Sessions a claim is on its way for. A hand-off to one of them could
+   * overtake what that claim removed from the queue, where the create's
+   * check cannot see it.
+   */
+  private readonly claimingFor = new Set<AgentSession>();
   /** Where the last hand-off's scan of the sessions stopped, so agents take turns. */
   private cursor: Iterator<AgentSession> | undefined;
 
@@ -142,7 +148,8 @@ export class Dispatcher {
         if (next.done) return undefined;
       }
       const session = next.value;
-      if (session.freeSlots > 0 && session.capabilities.includes(taskType) && session.capabilities.every((t) => this.dryTypes.has(t))) {
+      const eligible = session.freeSlots > 0 && session.capabilities.includes(taskType) && !this.claimingFor.has(session);
+      if (eligible && session.capabilities.every((t) => this.dryTypes.has(t))) {
         return this.handOffTo(session);
       }
     }
@@ -195,8 +202,10 @@ export class Dispatcher {
     try {
       back = await this.o.tasks.release(task.taskId, agentId, task.attempt, "agent went away during assignment", now);
     } catch (e: unknown) {
-      // The lease, never renewed, expires and the task runs again.
+      // Not released: the lease, never renewed, expires. Released with the
+      // answer lost: the task is PENDING and only a rebuild queues it.
       this.o.log.warn({ err: e, task_id: task.taskId }, "could not hand back a lease its agent left");
+      this.o.repairQueue("a released task may not be queued");
       return;
     }
     if (!back) return;
@@ -266,7 +275,9 @@ export class Dispatcher {
         const want = Math.min(MAX_CLAIM, Math.max(1, Math.floor(session.freeSlots / candidates.length)));
         const { claimed, dry } = await this.assignSome(session, want);
         // A type announced while this claim was on its way may be marked dry
-        // wrongly; that costs a hand-off attempt, not order (the queue checks).
+        // wrongly; that costs a hand-off attempt, not order: the create's
+        // check sees what is queued, and no hand-off goes to a session while
+        // a claim for it is on its way.
         for (const type of session.capabilities) {
           if (dry) this.dryTypes.add(type);
           else this.dryTypes.delete(type);
@@ -286,49 +297,58 @@ export class Dispatcher {
   private async assignSome(session: AgentSession, want: number): Promise<{ claimed: number; dry: boolean }> {
     const now = this.o.clock();
     const leaseExpiresAt = new Date(now.getTime() + this.o.leaseTtlMs);
-    const entries = await this.o.queue.claimBatch(session.capabilities, want);
+    let entries: QueueEntry[];
+    this.claimingFor.add(session);
+    try {
+      entries = await this.o.queue.claimBatch(session.capabilities, want);
+    } finally {
+      this.claimingFor.delete(session);
+    }
     const claimed = entries.length;
-    // Slots are not held during the claim (that would turn hand-offs away
-    // whenever a pass runs), so a create may have taken one meanwhile, or the
-    // session closed: what no longer fits goes back, keeping its place.
+    // The session may have closed, or filled with hand-offs that were already
+    // under way, while the claim ran: what no longer fits goes back, keeping
+    // its place.
     const surplus = entries.splice(Math.max(0, session.freeSlots));
-    // Held while their leases are written, so no create hands a task to them meanwhile.
+    // Each claimed task's slot is held until that task is delivered or
+    // dropped, so no create hands a task to it meanwhile.
     session.reserved += entries.length;
-    let outcomes: Array<PromiseSettledResult<TaskRecord | null>>;
+    let held = entries.length;
+    let failure: unknown;
     try {
       if (surplus.length > 0) {
         await Promise.all(surplus.map((entry) => this.o.queue.enqueue(entry))).catch(() => this.o.repairQueue("claimed tasks could not be put back"));
       }
-      outcomes = await Promise.allSettled(
+      const outcomes = await Promise.allSettled(
         entries.map((entry) => this.o.tasks.assign(entry.taskId, session.agentId, now, session.correlationId, leaseExpiresAt)),
       );
+      for (const [i, outcome] of outcomes.entries()) {
+        const entry = entries[i]!;
+        session.reserved--;
+        held--;
+        if (outcome.status === "rejected") {
+          // Put the entry back before giving up the pass, or it would be lost
+          // from the index until the next rebuild.
+          failure ??= outcome.reason;
+          await this.o.queue.enqueue(entry).catch(() => this.o.repairQueue("a claimed task could not be put back"));
+          continue;
+        }
+        const task = outcome.value;
+        // Not PENDING any more (cancelled, or a stale entry): drop it.
+        if (!task) continue;
+        // Cancelled while its lease was being written: the cancel found no holder to tell, so never deliver it.
+        if (this.cancelledDuringPass.has(task.taskId)) continue;
+        if (session.freeSlots <= 0) {
+          // The session closed while we were assigning: give the lease
+          // straight back, without stranding the rest of the batch.
+          await this.giveBack(task, session.agentId, now);
+          continue;
+        }
+        if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
+        session.deliver(task);
+        this.o.events.publish(task);
+      }
     } finally {
-      session.reserved -= entries.length;
-    }
-    let failure: unknown;
-    for (const [i, outcome] of outcomes.entries()) {
-      const entry = entries[i]!;
-      if (outcome.status === "rejected") {
-        // Put the entry back before giving up the pass, or it would be lost
-        // from the index until the next rebuild.
-        failure ??= outcome.reason;
-        await this.o.queue.enqueue(entry).catch(() => this.o.repairQueue("a claimed task could not be put back"));
-        continue;
-      }
-      const task = outcome.value;
-      // Not PENDING any more (cancelled, or a stale entry): drop it.
-      if (!task) continue;
-      // Cancelled while its lease was being written: the cancel found no holder to tell, so never deliver it.
-      if (this.cancelledDuringPass.has(task.taskId)) continue;
-      if (session.freeSlots <= 0) {
-        // The session closed (or filled) while we were assigning: give the
-        // lease straight back, without stranding the rest of the batch.
-        await this.giveBack(task, session.agentId, now);
-        continue;
-      }
-      if (task.attempt === 1) this.o.latency.record(now.getTime() - task.createdAt.getTime());
-      session.deliver(task);
-      this.o.events.publish(task);
+      session.reserved -= held;
     }
     if (failure !== undefined) throw failure;
     return { claimed, dry: claimed < want };
