@@ -62,10 +62,12 @@ export class Dispatcher {
   private stopped = false;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly unsubscribe: Array<() => void>;
-  /** Tasks cancelled while a pass runs: one being leased must not be delivered after its cancel went by. */
-  private readonly cancelledDuringPass = new Set<string>();
-  /** Tasks being handed off (task id → whether a cancel went by), for the same reason. */
-  private readonly handingOff = new Map<string, { cancelled: boolean }>();
+  /**
+   * Tasks whose leases are being written, by a pass or a hand-off (task id →
+   * whether a cancel went by): such a cancel found no holder to tell, so the
+   * task must never be delivered.
+   */
+  private readonly leasing = new Map<string, { cancelled: boolean }>();
   /**
    * Types a dispatch pass found nothing queued for, with nothing announced
    * since. A hand-off is offered only to agents whose types are all here:
@@ -91,9 +93,8 @@ export class Dispatcher {
       // A task cancelled while held here: tell its agent and free the slot.
       o.events.subscribeAll((task) => {
         if (task.status !== "cancelled") return;
-        if (this.running) this.cancelledDuringPass.add(task.taskId);
-        const handOff = this.handingOff.get(task.taskId);
-        if (handOff) handOff.cancelled = true;
+        const leasing = this.leasing.get(task.taskId);
+        if (leasing) leasing.cancelled = true;
         if (task.agentId) this.sessions.get(task.agentId)?.cancelled(task.taskId);
       }),
     ];
@@ -165,18 +166,18 @@ export class Dispatcher {
       if (settled) return false;
       settled = true;
       session.reserved--;
-      if (taskId) this.handingOff.delete(taskId);
+      if (taskId) this.leasing.delete(taskId);
       return true;
     };
     return {
       capabilities: session.capabilities,
       begin: (id, now) => {
         taskId = id;
-        this.handingOff.set(id, { cancelled: false });
+        this.leasing.set(id, { cancelled: false });
         return { agentId: session.agentId, now, correlationId: session.correlationId, leaseExpiresAt: new Date(now.getTime() + this.o.leaseTtlMs) };
       },
       deliver: async (task) => {
-        const cancelled = this.handingOff.get(task.taskId)?.cancelled === true;
+        const cancelled = this.leasing.get(task.taskId)?.cancelled === true;
         if (!settle()) return;
         // Its cancel found no holder to tell, so it must never reach the agent.
         if (cancelled) return this.slotFreed();
@@ -233,7 +234,6 @@ export class Dispatcher {
   }
 
   private async run(): Promise<void> {
-    this.cancelledDuringPass.clear();
     try {
       do {
         this.again = false;
@@ -313,6 +313,7 @@ export class Dispatcher {
     // dropped, so no create hands a task to it meanwhile.
     session.reserved += entries.length;
     let held = entries.length;
+    for (const entry of entries) this.leasing.set(entry.taskId, { cancelled: false });
     let failure: unknown;
     try {
       if (surplus.length > 0) {
@@ -323,6 +324,8 @@ export class Dispatcher {
       );
       for (const [i, outcome] of outcomes.entries()) {
         const entry = entries[i]!;
+        const cancelled = this.leasing.get(entry.taskId)?.cancelled === true;
+        this.leasing.delete(entry.taskId);
         session.reserved--;
         held--;
         if (outcome.status === "rejected") {
@@ -336,7 +339,7 @@ export class Dispatcher {
         // Not PENDING any more (cancelled, or a stale entry): drop it.
         if (!task) continue;
         // Cancelled while its lease was being written: the cancel found no holder to tell, so never deliver it.
-        if (this.cancelledDuringPass.has(task.taskId)) continue;
+        if (cancelled) continue;
         if (session.freeSlots <= 0) {
           // The session closed while we were assigning: give the lease
           // straight back, without stranding the rest of the batch.
@@ -349,6 +352,7 @@ export class Dispatcher {
       }
     } finally {
       session.reserved -= held;
+      for (const entry of entries) this.leasing.delete(entry.taskId);
     }
     if (failure !== undefined) throw failure;
     return { claimed, dry: claimed < want };
