@@ -528,24 +528,35 @@ interface RateResult {
   latencies: number[];
   doneRate: number;
   service?: { cpu: number; rssMb: number; peakRssMb: number };
+  /** CPU ms per task received, of all postgres processes. */
+  pgCpu?: number;
 }
 
 /**
  * Offers `rate`/s for the duration through `send`, then waits up to `drainMs`
- * for the consumer to receive them all.
+ * for the consumer to receive them all. `sample` and `pgCpuMs` measure the
+ * service's and PostgreSQL's share over the same span.
  */
-async function rateRun(consumer: Consumer, shape: RateShape, send: (i: number) => Promise<void>, sample?: () => ProcSample): Promise<RateResult> {
+async function rateRun(
+  consumer: Consumer,
+  shape: RateShape,
+  send: (i: number) => Promise<void>,
+  sample?: () => ProcSample,
+  pgCpuMs?: () => number,
+): Promise<RateResult> {
   if (shape.warmup > 0) {
     await closedLoop(shape.warmup, shape.inFlight, send);
     await consumer.request({ op: "await", count: shape.warmup, timeoutMs: 120_000 });
     await consumer.request({ op: "stats", reset: true });
   }
   const s0 = sample?.();
+  const p0 = pgCpuMs?.();
   const t0 = nowMs();
   const { sent, errors, firstError, settled } = await openLoop(shape.rate, shape.durationMs, send);
   const offeredMs = nowMs() - t0;
   const done = await consumer.request({ op: "await", count: sent, timeoutMs: shape.drainMs }, true);
   const s1 = sample?.();
+  const p1 = pgCpuMs?.();
   const st = done.stats!;
   // Do not wait for creates still queued in the service beyond the drain time.
   await Promise.race([settled, sleep(100)]);
@@ -558,6 +569,7 @@ async function rateRun(consumer: Consumer, shape: RateShape, send: (i: number) =
     latencies,
     doneRate: (st.received * 1000) / Math.max(offeredMs, (st.lastCompletionMs || nowMs()) - t0),
     ...(s0 && s1 ? { service: perTask(s0, s1, Math.max(1, st.received)) } : {}),
+    ...(p0 !== undefined && p1 !== undefined ? { pgCpu: (p1 - p0) / Math.max(1, st.received) } : {}),
   };
 }
 
@@ -568,7 +580,13 @@ async function oursLatency(env: Env, shape: RateShape, cpuProfDir?: string): Pro
   try {
     await producer.ready();
     await oneCodeAgent(consumer, svc.address, shape.concurrency);
-    return await rateRun(consumer, shape, (i) => producer.create({ taskType: "code", priority: priorityOf(i) }), () => svc.sample());
+    return await rateRun(
+      consumer,
+      shape,
+      (i) => producer.create({ taskType: "code", priority: priorityOf(i) }),
+      () => svc.sample(),
+      () => env.postgresCpuMs(),
+    );
   } finally {
     producer.close();
     await consumer.close();
@@ -810,12 +828,13 @@ async function main(): Promise<void> {
       pct(m.latencies, 99),
       Math.max(...m.latencies),
       m.service ? m.service.cpu : NaN,
+      m.pgCpu ?? NaN,
       m.service ? m.service.rssMb : NaN,
     ];
     emit(
       table(
         `Latency at a fixed offered rate of ${rs.rate}/s for ${rs.durationMs / 1000} s, ${rs.concurrency} slots (ms; ours create→agent received, BullMQ add→processor start; "inf" = not received within ${cfg.drain} s after offering ended)`,
-        ["system", "offered", "received", "errors", "received/s", "p50", "p90", "p99", "max", "svc cpu/task", "svc rss"],
+        ["system", "offered", "received", "errors", "received/s", "p50", "p90", "p99", "max", "svc cpu/task", "pg cpu/task", "svc rss"],
         [row("ours (pg+redis)", o), ...(b ? [row("bullmq", b)] : [])],
       ),
     );
