@@ -13,9 +13,9 @@ const MAX_CLAIM = 64;
 const HAND_OFF_SCAN = 64;
 
 /**
- * A slot of a local agent held for one task being created: the create leases
- * the task to the agent in the same commit as the insert, and the task never
- * enters the queue. Ends with `deliver` or `release`, once.
+ * A slot of a local agent held for one task being created: the create stores
+ * the task already leased to the agent, and the task never enters the queue.
+ * Ends with `deliver` or `release`, once.
  */
 export interface HandOff {
   /** Queued work of these types would reach the agent first: the create must not overtake it. */

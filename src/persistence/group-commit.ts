@@ -15,13 +15,6 @@
 export interface GroupCommit<I, R> {
   /** Runs one unit with the next batch; resolves with its result after the commit. */
   run(item: I): Promise<R>;
-  /**
-   * Runs these units in order in the same batch, so they commit together (a
-   * batch is never split between them); one promise per unit. Only if the
-   * batch fails and is retried alone do they commit one by one, still in
-   * order, and then one may fail while another commits.
-   */
-  runAll(items: readonly I[]): Array<Promise<R>>;
   /** Waits for everything queued and in flight. */
   drain(): Promise<void>;
 }
@@ -41,8 +34,6 @@ export interface GroupCommitOptions<I, R> {
 
 interface Pending<I, R> {
   item: I;
-  /** Set on all but the last unit of a `runAll`: the batch must take the next one too. */
-  joinNext?: boolean;
   resolve: (result: R) => void;
   reject: (e: unknown) => void;
 }
@@ -81,9 +72,7 @@ export function createGroupCommit<I, R>({ maxBatch, maxInFlight, runBatch, runOn
   function pump(): void {
     scheduled = false;
     while (inFlight < maxInFlight && queued.length > 0) {
-      let size = Math.min(maxBatch, queued.length);
-      while (size < queued.length && queued[size - 1]!.joinNext) size++;
-      const batch = queued.splice(0, size);
+      const batch = queued.splice(0, maxBatch);
       inFlight++;
       void flush(batch).finally(() => {
         inFlight--;
@@ -96,28 +85,17 @@ export function createGroupCommit<I, R>({ maxBatch, maxInFlight, runBatch, runOn
     }
   }
 
-  function schedule(): void {
-    // Units issued in the same turn of the event loop (one socket read may
-    // carry many results) join the same batch.
-    if (!scheduled && inFlight < maxInFlight) {
-      scheduled = true;
-      setImmediate(pump);
-    }
-  }
-
   return {
     run(item) {
       return new Promise<R>((resolve, reject) => {
         queued.push({ item, resolve, reject });
-        schedule();
+        // Units issued in the same turn of the event loop (one socket read
+        // may carry many results) join the same batch.
+        if (!scheduled && inFlight < maxInFlight) {
+          scheduled = true;
+          setImmediate(pump);
+        }
       });
-    },
-    runAll(items) {
-      const results = items.map(
-        (item, i) => new Promise<R>((resolve, reject) => queued.push({ item, resolve, reject, joinNext: i < items.length - 1 })),
-      );
-      schedule();
-      return results;
     },
     drain() {
       if (inFlight === 0 && queued.length === 0) return Promise.resolve();

@@ -218,7 +218,6 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
       dialect: "postgresql",
       fork,
       batch: (template, row, taskId) => batcher.runSet(template, row, taskId),
-      batchAll: (statements) => batcher.runSets(statements),
     };
   } else {
     type Work = (em: EntityManager) => Promise<unknown>;
@@ -241,7 +240,6 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
       dialect: "sqlite",
       fork,
       transact: <T>(work: (em: EntityManager) => Promise<T>) => group.run(work) as Promise<T>,
-      transactAll: <T>(works: Array<(em: EntityManager) => Promise<T>>) => group.runAll(works) as Array<Promise<T>>,
     };
   }
   let closed: Promise<void> | undefined;

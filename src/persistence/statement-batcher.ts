@@ -27,8 +27,6 @@ export interface StatementBatcher {
    * whose `template.keyColumn` equals `lockKey`.
    */
   runSet(template: SetTemplate, row: unknown[], lockKey: string): Promise<Rows>;
-  /** `runSet` for each, all in the same batch and in this order (group-commit.ts `runAll`). */
-  runSets(statements: ReadonlyArray<{ template: SetTemplate; row: unknown[]; lockKey: string }>): Array<Promise<Rows>>;
   /** Waits for everything queued and in flight. */
   drain(): Promise<void>;
 }
@@ -242,7 +240,6 @@ export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertErr
   return {
     run: (sql, lockKey = "") => group.run({ sql, lockKey }),
     runSet: (template, row, lockKey) => group.run({ template, row, lockKey }),
-    runSets: (statements) => group.runAll(statements),
     drain: () => group.drain(),
   };
 }

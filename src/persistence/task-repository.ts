@@ -11,7 +11,7 @@ import {
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { insertTask, insertThenUpdate, tasksTable, updateTask, type AuditSpec, type TaskProperty, type TaskValues, type TaskWriter } from "./task-sql.js";
+import { insertTask, tasksTable, updateTask, type AuditSpec, type TaskProperty, type TaskValues, type TaskWriter } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -87,18 +87,29 @@ function newTaskValues(task: NewTask): Record<TaskProperty, unknown> {
 }
 
 function auditSpec(audit: AuditEntry): AuditSpec {
-  const spec: AuditSpec = { action: audit.action, fromStatus: audit.fromStatus, agentId: audit.agentId, correlationId: audit.correlationId };
+  const spec: AuditSpec = { action: audit.action, fromStatus: audit.fromStatus, toStatus: audit.toStatus, agentId: audit.agentId, correlationId: audit.correlationId };
   if (audit.details) spec.details = audit.details;
   return spec;
 }
 
-/** pending → assigned: the compare-and-set, the change and its audit row. */
-function assignment({ agentId, now, correlationId, leaseExpiresAt }: Lease): { expected: TaskValues; set: TaskValues; audit: AuditSpec } {
+/**
+ * pending → assigned: the compare-and-set, the change and its audit row.
+ * `attempt` is the new attempt number, or SQL computing it from the row.
+ */
+function assignment(
+  { agentId, now, correlationId, leaseExpiresAt }: Lease,
+  attempt: unknown = raw("attempt + 1"),
+): { expected: TaskValues; set: TaskValues; audit: AuditSpec } {
   return {
     expected: { status: "pending" },
-    set: { status: "assigned", agentId, attempt: raw("attempt + 1"), assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
+    set: { status: "assigned", agentId, attempt, assignedAt: now, updatedAt: now, leaseExpiresAt, runAt: null },
     audit: { action: "task.assigned", fromStatus: "pending", agentId, correlationId, withAttempt: true },
   };
+}
+
+/** The task as `insert` would have stored it, from the same task stored already leased. */
+function asCreated(assigned: TaskRecord): TaskRecord {
+  return { ...assigned, status: "pending", agentId: null, attempt: 0, updatedAt: assigned.createdAt, assignedAt: null, leaseExpiresAt: null };
 }
 
 /**
@@ -124,17 +135,15 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
 
   return {
     insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord> {
-      return insertTask(deps, newTaskValues(task), auditSpec(audit));
+      return insertTask(deps, newTaskValues(task), [auditSpec(audit)]);
     },
 
     async insertAssigned(task, audit, lease) {
-      const [inserted, leased] = insertThenUpdate(deps, newTaskValues(task), auditSpec(audit), assignment(lease));
-      // Only when retried apart can the lease fail alone: the task is then
-      // PENDING (or, if the failure hid a commit, leased to an agent that
-      // never got it, and its lease expires); either way the caller queues
-      // it. Handled before awaiting the insert, which may reject as well.
-      const assigned = leased.catch(() => null);
-      return { created: await inserted, assigned: await assigned };
+      // Born leased: one row version and one statement instead of an insert
+      // and an update, with both changes in the audit trail.
+      const { set, audit: leased } = assignment(lease, 1);
+      const assigned = await insertTask(deps, { ...newTaskValues(task), ...set }, [auditSpec(audit), leased]);
+      return { created: asCreated(assigned), assigned };
     },
 
     async deleteUnqueued(taskId: string): Promise<void> {

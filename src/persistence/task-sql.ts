@@ -75,15 +75,11 @@ export type TaskWriter =
       dialect: "sqlite";
       fork(): EntityManager;
       transact<T>(work: (em: EntityManager) => Promise<T>): Promise<T>;
-      /** Units committed together, in order (group-commit.ts `runAll`). */
-      transactAll<T>(works: Array<(em: EntityManager) => Promise<T>>): Array<Promise<T>>;
     }
   | {
       dialect: "postgresql";
       fork(): EntityManager;
       batch(template: SetTemplate, row: unknown[], taskId: string): Promise<TaskRow[]>;
-      /** Statements committed together, in order (group-commit.ts `runAll`); `lockKey` is the task id. */
-      batchAll(statements: Array<{ template: SetTemplate; row: unknown[]; lockKey: string }>): Array<Promise<TaskRow[]>>;
     };
 
 function parseObject(text: unknown): JsonObject | null {
@@ -166,6 +162,8 @@ export interface AuditSpec {
   details?: JsonObject;
   /** Adds `attempt` (the task's, after the change) to details. */
   withAttempt?: boolean;
+  /** The status the row records; by default the task's after the change. Set when one statement makes two changes (`insertTask`). */
+  toStatus?: TaskStatus;
 }
 
 interface Tables {
@@ -241,7 +239,7 @@ function auditValues(spec: AuditSpec, after: TaskRecord): unknown[] {
     spec.agentId,
     spec.action,
     spec.fromStatus,
-    after.status,
+    spec.toStatus ?? after.status,
     spec.correlationId ?? after.correlationId,
     details === undefined ? null : JSON.stringify(details),
     after.updatedAt,
@@ -322,16 +320,27 @@ export function lockTasksSql(em: EntityManager): (taskIds: string[]) => string {
 }
 
 /**
- * The audit columns every template's input rows start with, after the task
- * id `k`: the audit row's own id, agent, action, from-status, correlation id
- * (null: the task's own) and details (JSON text).
+ * The input columns of each audit row a template writes, after the task id
+ * `k`: the audit row's own id, agent, action, from-status, to-status (null:
+ * the task's), correlation id (null: the task's own) and details (JSON text).
  */
-const AUDIT_INPUT = ["a_log", "a_agent", "a_action", "a_from", "a_corr", "a_details"] as const;
+const AUDIT_INPUT = ["log", "agent", "action", "from", "to", "corr", "details"] as const;
 
-function auditInput(taskId: string, audit: AuditSpec): unknown[] {
-  const details = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
-  return [taskId, uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.correlationId, details];
+/** The input row's leading columns: `k`, then AUDIT_INPUT for each audit row in turn. */
+function auditInput(taskId: string, audits: readonly AuditSpec[]): unknown[] {
+  const row: unknown[] = [taskId];
+  for (const audit of audits) {
+    const details = audit.withAttempt ? JSON.stringify(audit.details ?? {}) : audit.details === undefined ? null : JSON.stringify(audit.details);
+    row.push(uuidv7(), audit.agentId, audit.action, audit.fromStatus, audit.toStatus ?? null, audit.correlationId, details);
+  }
+  return row;
 }
+
+/** Input columns before the values: k and those of the audit rows. */
+const valuesFrom = (audits: readonly AuditSpec[]) => 1 + AUDIT_INPUT.length * audits.length;
+
+/** The part of a template's shape its audit rows decide. */
+const auditShape = (audits: readonly AuditSpec[]) => audits.map((a) => (a.withAttempt ? "a" : "-")).join("");
 
 /** Column n of a template's input row, as SQL: `i.<name>` in the set-based form, `$<n+1>::<type>` in the one-row form. */
 type InputRef = (n: number) => string;
@@ -339,30 +348,35 @@ type InputRef = (n: number) => string;
 let templateNames = 0;
 
 /**
- * A statement over input rows `(k, a_log, …, v0, v1, …)`: `body` (an INSERT
- * or UPDATE on tasks, `returning` the whole row) with the audit row of each
- * change in the same statement, read from the data-modifying CTE. Rendered
- * set-based for a batch (input from arrays; one statement, one plan, however
- * many changes) and as a named prepared statement for a lone change, which
- * PostgreSQL parses and plans once per connection.
+ * A statement over input rows `(k, <audit columns>…, v0, v1, …)`: `body` (an
+ * INSERT or UPDATE on tasks, `returning` the whole row) with its audit rows
+ * (one per entry of `withAttempt`, usually one) in the same statement, read
+ * from the data-modifying CTE. Rendered set-based for a batch (input from
+ * arrays; one statement, one plan, however many changes) and as a named
+ * prepared statement for a lone change, which PostgreSQL parses and plans
+ * once per connection.
  */
 function setTemplate(
   t: Tables,
   key: string,
   valueTypes: ArrayType[],
   body: (ref: InputRef, from: string) => string,
-  withAttempt: boolean,
+  withAttempt: readonly boolean[],
   locks: boolean,
 ): SetTemplate {
   const q = t.quote;
-  const names = ["k", ...AUDIT_INPUT, ...valueTypes.map((_, n) => `v${n}`)];
-  const types: ArrayType[] = ["text", ...AUDIT_INPUT.map(() => "text" as const), ...valueTypes];
+  const names = ["k", ...withAttempt.flatMap((_, j) => AUDIT_INPUT.map((c) => `a${j}_${c}`)), ...valueTypes.map((_, n) => `v${n}`)];
+  const types: ArrayType[] = ["text", ...withAttempt.flatMap(() => AUDIT_INPUT.map(() => "text" as const)), ...valueTypes];
   const audit = (ref: InputRef, from: string) => {
-    const details = withAttempt ? `cast(cast(${ref(6)} as jsonb) || jsonb_build_object('attempt', t.${q("attempt")}) as text)` : ref(6);
-    return (
-      `insert into ${t.auditLogs} (${AUDIT_COLUMNS.map((c) => q(c)).join(", ")}) ` +
-      `select ${ref(1)}, t.${q("task_id")}, ${ref(2)}, ${ref(3)}, ${ref(4)}, t.${q("status")}, coalesce(${ref(5)}, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} ${from}`
-    );
+    const selects = withAttempt.map((attempt, j) => {
+      const col = (c: number) => ref(1 + AUDIT_INPUT.length * j + c);
+      const details = attempt ? `cast(cast(${col(6)} as jsonb) || jsonb_build_object('attempt', t.${q("attempt")}) as text)` : col(6);
+      return (
+        `select ${col(0)}, t.${q("task_id")}, ${col(1)}, ${col(2)}, ${col(3)}, coalesce(${col(4)}, t.${q("status")}), ` +
+        `coalesce(${col(5)}, t.${q("correlation_id")}), ${details}, t.${q("updated_at")} ${from}`
+      );
+    });
+    return `insert into ${t.auditLogs} (${AUDIT_COLUMNS.map((c) => q(c)).join(", ")}) ${selects.join(" union all ")}`;
   };
   const setRef: InputRef = (n) => `i.${names[n]}`;
   const setBody = body(setRef, " from i");
@@ -399,14 +413,12 @@ function returning(t: Tables, alias: string): string {
     .join(", ");
 }
 
-/** Input columns before the values: k and the audit ones. */
-const VALUES_FROM = 1 + AUDIT_INPUT.length;
-
 /** The PostgreSQL template and input row for an UPDATE of one task (see `updateTask`). */
 function updateStatement(t: Tables, taskId: string, expected: TaskValues, set: TaskValues, audit: AuditSpec): { template: SetTemplate; row: unknown[] } {
-  const row = auditInput(taskId, audit);
+  const row = auditInput(taskId, [audit]);
+  const first = valuesFrom([audit]);
   const valueTypes: ArrayType[] = [];
-  const shape: string[] = ["u", audit.withAttempt ? "a" : ""];
+  const shape: string[] = ["u", auditShape([audit])];
   // Each part is SQL text or the index of its value among the input columns.
   const assignments: Array<[column: string, value: string | number]> = [];
   const conditions: Array<[column: string, value: number | null]> = [];
@@ -416,7 +428,7 @@ function updateStatement(t: Tables, taskId: string, expected: TaskValues, set: T
     const raw = rawSql(value);
     shape.push(raw === undefined ? `s:${key}` : `s:${key}=${raw}`);
     if (raw === undefined) {
-      assignments.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      assignments.push([TASK_COLUMNS[property], first + valueTypes.length]);
       valueTypes.push(TASK_COLUMN_TYPES[property]);
       row.push(value);
     } else {
@@ -432,7 +444,7 @@ function updateStatement(t: Tables, taskId: string, expected: TaskValues, set: T
     } else {
       if (isRaw(value)) throw new Error(`an expected value must be a value, not SQL: ${key}`);
       shape.push(`e:${key}`);
-      conditions.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      conditions.push([TASK_COLUMNS[property], first + valueTypes.length]);
       valueTypes.push(TASK_COLUMN_TYPES[property]);
       row.push(value);
     }
@@ -446,24 +458,25 @@ function updateStatement(t: Tables, taskId: string, expected: TaskValues, set: T
       const where = [`x.${q("task_id")} = ${ref(0)}`, ...conditions.map(([column, value]) => (value === null ? `x.${q(column)} is null` : `x.${q(column)} = ${ref(value)}`))];
       return `update ${t.tasks} as x set ${setSql.join(", ")}${from} where ${where.join(" and ")} returning ${returning(t, "x.")}`;
     };
-    template = setTemplate(t, key, valueTypes, body, audit.withAttempt === true, true);
+    template = setTemplate(t, key, valueTypes, body, [audit.withAttempt === true], true);
     t.templates.set(key, template);
   }
   return { template, row };
 }
 
 /** The PostgreSQL template and input row for an INSERT of one task (see `insertTask`). */
-function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit: AuditSpec): { template: SetTemplate; row: unknown[] } {
-  const row = auditInput(String(values.taskId), audit);
+function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audits: readonly AuditSpec[]): { template: SetTemplate; row: unknown[] } {
+  const row = auditInput(String(values.taskId), audits);
+  const first = valuesFrom(audits);
   const valueTypes: ArrayType[] = [];
-  const shape: string[] = ["i", audit.withAttempt ? "a" : ""];
+  const shape: string[] = ["i", auditShape(audits)];
   const columns: Array<[column: string, value: string | number]> = [];
   for (const [key, value] of Object.entries(values)) {
     const property = key as TaskProperty;
     const raw = rawSql(value);
     shape.push(raw === undefined ? key : `${key}=${raw}`);
     if (raw === undefined) {
-      columns.push([TASK_COLUMNS[property], VALUES_FROM + valueTypes.length]);
+      columns.push([TASK_COLUMNS[property], first + valueTypes.length]);
       valueTypes.push(TASK_COLUMN_TYPES[property]);
       row.push(value === undefined ? null : value);
     } else {
@@ -478,7 +491,14 @@ function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit
       const selected = columns.map(([, value]) => (typeof value === "number" ? ref(value) : value));
       return `insert into ${t.tasks} (${columns.map(([column]) => q(column)).join(", ")}) select ${selected.join(", ")}${from} returning ${returning(t, "")}`;
     };
-    template = setTemplate(t, key, valueTypes, body, audit.withAttempt === true, false);
+    template = setTemplate(
+      t,
+      key,
+      valueTypes,
+      body,
+      audits.map((a) => a.withAttempt === true),
+      false,
+    );
     t.templates.set(key, template);
   }
   return { template, row };
@@ -486,15 +506,15 @@ function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit
 
 /**
  * SQLite: `statement` (an INSERT or UPDATE on tasks ending in `returning *`)
- * and the audit row of the change, as one unit of work for a group commit
- * (`transact`), which commits it with whatever other units arrived meanwhile.
+ * and its audit rows, as one unit of work for a group commit (`transact`),
+ * which commits it with whatever other units arrived meanwhile.
  */
-function withAudit(t: Tables, statement: { sql: string; params: unknown[] }, audit: AuditSpec): (tx: EntityManager) => Promise<TaskRecord | null> {
+function withAudit(t: Tables, statement: { sql: string; params: unknown[] }, audits: readonly AuditSpec[]): (tx: EntityManager) => Promise<TaskRecord | null> {
   return async (tx) => {
     const rows = await tx.execute<TaskRow[]>(statement.sql, statement.params, "all");
     if (!rows[0]) return null;
     const after = rowToRecord(rows[0]);
-    await tx.execute(t.insertAuditSql, auditValues(audit, after), "run");
+    for (const audit of audits) await tx.execute(t.insertAuditSql, auditValues(audit, after), "run");
     return after;
   };
 }
@@ -558,43 +578,20 @@ export async function updateTask(
     const { template, row } = updateStatement(t, taskId, expected, set, audit);
     return firstRecord(await db.batch(template, row, taskId));
   }
-  return db.transact(withAudit(t, sqliteUpdate(t, taskId, expected, set), audit));
-}
-
-/** `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and its audit row. */
-export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audit: AuditSpec): Promise<TaskRecord> {
-  const t = tablesOf(db);
-  if (db.dialect === "postgresql") {
-    const { template, row } = insertStatement(t, values, audit);
-    return inserted(firstRecord(await db.batch(template, row, String(values.taskId))));
-  }
-  return inserted(await db.transact(withAudit(t, sqliteInsert(t, values), audit)));
+  return db.transact(withAudit(t, sqliteUpdate(t, taskId, expected, set), [audit]));
 }
 
 /**
- * `insertTask`, then `updateTask` on the new row, committed together: one
- * commit for a task created and changed at once. The two results are
- * separate because, should the batch be retried alone (group-commit.ts),
- * the insert may commit while the update fails.
+ * `INSERT INTO tasks (…) VALUES (…) RETURNING *` with every column given, and
+ * its audit rows in order. Several rows record a task born past its first
+ * state (one `toStatus` each): inserting it as it ends up writes one row
+ * version instead of one per change.
  */
-export function insertThenUpdate(
-  db: TaskWriter,
-  values: Record<TaskProperty, unknown>,
-  audit: AuditSpec,
-  change: { expected: TaskValues; set: TaskValues; audit: AuditSpec },
-): [inserted: Promise<TaskRecord>, updated: Promise<TaskRecord | null>] {
+export async function insertTask(db: TaskWriter, values: Record<TaskProperty, unknown>, audits: readonly AuditSpec[]): Promise<TaskRecord> {
   const t = tablesOf(db);
-  const taskId = String(values.taskId);
   if (db.dialect === "postgresql") {
-    const [first, second] = db.batchAll([
-      { ...insertStatement(t, values, audit), lockKey: taskId },
-      { ...updateStatement(t, taskId, change.expected, change.set, change.audit), lockKey: taskId },
-    ]);
-    return [first!.then((rows) => inserted(firstRecord(rows))), second!.then(firstRecord)];
+    const { template, row } = insertStatement(t, values, audits);
+    return inserted(firstRecord(await db.batch(template, row, String(values.taskId))));
   }
-  const [first, second] = db.transactAll([
-    withAudit(t, sqliteInsert(t, values), audit),
-    withAudit(t, sqliteUpdate(t, taskId, change.expected, change.set), change.audit),
-  ]);
-  return [first!.then(inserted), second!];
+  return inserted(await db.transact(withAudit(t, sqliteInsert(t, values), audits)));
 }

@@ -52,13 +52,12 @@ export interface ListTasksFilter {
 export interface TaskRepository {
   insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord>;
   /**
-   * `insert`, then `assign` to `lease.agentId`, committed together: a task
-   * handed straight to a waiting agent. `created` is the task as inserted
-   * (PENDING). `assigned` is null when the lease was not written (possible
-   * only if the two were retried apart): the task is then PENDING, and the
-   * caller must queue it.
+   * A new task stored already leased to `lease.agentId`: a task handed
+   * straight to a waiting agent. Its audit trail is `audit`, then the
+   * assignment, as if `insert` and `assign` had run. `created` is the task
+   * as `insert` would have returned it (PENDING), `assigned` as stored.
    */
-  insertAssigned(task: NewTask, audit: AuditEntry, lease: Lease): Promise<{ created: TaskRecord; assigned: TaskRecord | null }>;
+  insertAssigned(task: NewTask, audit: AuditEntry, lease: Lease): Promise<{ created: TaskRecord; assigned: TaskRecord }>;
   /** Removes a task that was never queued (used when enqueue fails). */
   deleteUnqueued(taskId: string): Promise<void>;
   get(taskId: string): Promise<TaskRecord | null>;

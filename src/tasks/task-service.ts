@@ -115,10 +115,10 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
      * returns the original task instead.
      *
      * When an agent on this instance has a free slot for the type and
-     * nothing it would take first is queued, the task is leased to it in the
-     * same commit as the insert and skips the queue: one commit and one
-     * queue round trip instead of two and three. The answer is the task as
-     * created either way.
+     * nothing it would take first is queued, the task is stored already
+     * leased to it and skips the queue: one statement, one commit and one
+     * queue round trip instead of two, two and three. The answer is the task
+     * as created either way.
      */
     async create(input: CreateTaskInput, ctx: RequestContext): Promise<TaskRecord> {
       if (!accepting()) throw unavailable("the service is shutting down; send the task to another instance");
@@ -155,12 +155,10 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
       const row = { taskId, ...valid, requestHash: hash, correlationId: ctx.correlationId, seq, createdAt: now };
       const audit = { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null, correlationId: ctx.correlationId } as const;
       let task: TaskRecord;
-      let assigned: TaskRecord | null = null;
+      let assigned: TaskRecord | undefined;
       try {
         if (handOff) {
-          const written = await tasks.insertAssigned(row, audit, handOff.begin(taskId, now));
-          task = written.created;
-          assigned = written.assigned;
+          ({ created: task, assigned } = await tasks.insertAssigned(row, audit, handOff.begin(taskId, now)));
         } else {
           task = await tasks.insert(row, audit);
         }
@@ -183,10 +181,6 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
         events.publish(task);
         await handOff.deliver(assigned);
         return task;
-      }
-      if (handOff) {
-        ctx.log.warn({ task_id: taskId }, "the task was stored but its lease was not; queueing it instead");
-        handOff.release();
       }
       try {
         await queue.enqueue({ taskId, taskType: task.taskType, priority: task.priority, seq });

@@ -165,7 +165,7 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     expect(a.assignments[seen]).toMatchObject({ taskId: body.task_id, attempt: 1, priority: 4 });
     const task = await getTask(s, body.task_id);
     expect(task).toMatchObject({ status: "assigned", attempt: 1, agent_id: a.agentId });
-    // Leased in the same commit as the insert: it never waited in the queue.
+    // Stored already leased: it never waited in the queue.
     expect(task.assigned_at).toBe(task.created_at);
     const trail = await s.persistence.tasks.auditTrail(body.task_id);
     expect(trail).toMatchObject([

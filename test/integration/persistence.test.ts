@@ -344,6 +344,32 @@ for (const backend of backends) {
       expect(await db.tasks.countCompletedSince(later(3))).toBe(0);
     });
 
+    it("insertAssigned stores a task already leased, answering and recording what insert then assign would have", async () => {
+      const db = await freshDb();
+      const twin = newTask({ priority: 8, metadata: { same: ["fields"] }, timeoutMs: 5000, idempotencyKey: "twin", requestHash: "h" });
+      const born = { ...twin, taskId: randomUUID(), seq: twin.seq + 1000, idempotencyKey: "born" };
+      const lease = { agentId: "agent-1", now: twin.createdAt, correlationId: "corr-lease", leaseExpiresAt: later(30_000) };
+      const viaTwoChanges = await db.tasks.insert(twin, created(twin));
+      const assignedViaTwo = await db.tasks.assign(twin.taskId, lease.agentId, lease.now, lease.correlationId, lease.leaseExpiresAt);
+
+      const written = await db.tasks.insertAssigned(born, created(born), lease);
+      const asTwin = (r: TaskRecord | null) => r && { ...r, taskId: twin.taskId, seq: twin.seq, idempotencyKey: "twin" };
+      expect(asTwin(written.created)).toEqual(viaTwoChanges);
+      expect(asTwin(written.assigned)).toEqual(assignedViaTwo);
+      expect(written.assigned).toMatchObject({ status: "assigned", agentId: "agent-1", attempt: 1, assignedAt: born.createdAt, leaseExpiresAt: later(30_000) });
+      expect(await db.tasks.get(born.taskId)).toEqual(written.assigned);
+      expect(await db.tasks.auditTrail(born.taskId)).toEqual(await db.tasks.auditTrail(twin.taskId));
+      expect(await db.tasks.auditTrail(born.taskId)).toMatchObject([
+        { action: "task.created", toStatus: "pending" },
+        { action: "task.assigned", fromStatus: "pending", toStatus: "assigned", agentId: "agent-1", correlationId: "corr-lease", details: { attempt: 1 } },
+      ]);
+      // A leased task runs to completion like any other.
+      expect(await db.tasks.complete(born.taskId, "agent-1", 1, { ok: true }, later(1))).toMatchObject({ status: "completed", result: { ok: true } });
+      // One idempotency key, one task, whichever way the second one is written.
+      await expect(db.tasks.insertAssigned({ ...born, taskId: randomUUID() }, created(born), lease)).rejects.toThrow();
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 1, completed: 1, failed: 0, cancelled: 0 });
+    });
+
     it("fail records the error; release requeues at the same place and the next assign is attempt 2", async () => {
       const db = await freshDb();
       const task = await insert(db, { priority: 7 });
@@ -683,10 +709,10 @@ for (const backend of backends) {
        * batch is re-run statement by statement as prepared statements, which
        * would hide a value the merged form renders wrongly.
        */
-      function expectMergedSince(from: number): void {
+      function expectMergedSince(from: number, written: NewTask[] = tasks): void {
         const sent: unknown[] = query.mock.calls.slice(from).map(([q]) => q);
         expect(sent.filter((q) => typeof q !== "string")).toEqual([]);
-        const carried = sent.map((q) => tasks.filter((t) => String(q).includes(t.taskId)).length);
+        const carried = sent.map((q) => written.filter((t) => String(q).includes(t.taskId)).length);
         expect(Math.max(...carried)).toBeGreaterThan(1);
       }
       try {
@@ -767,6 +793,25 @@ for (const backend of backends) {
           ]);
         }
         expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 0, completed: n, failed: 0, cancelled: 0 });
+
+        // The same tasks again, each stored already leased, in merged statements that write two audit rows per task.
+        const born = tasks.map((task) => ({ ...task, taskId: randomUUID(), idempotencyKey: task.idempotencyKey && `${task.idempotencyKey} born` }));
+        mark = query.mock.calls.length;
+        const leased = await Promise.all(
+          born.map((task, i) =>
+            db.tasks.insertAssigned(task, createdAudit(task), { agentId: agentOf(i), now: task.createdAt, correlationId: assignCorrelation(i), leaseExpiresAt: later(i + 30_000) }),
+          ),
+        );
+        expectMergedSince(mark, born);
+        for (const [i, task] of born.entries()) {
+          const same = { taskId: task.taskId, idempotencyKey: task.idempotencyKey };
+          expect(leased[i]!.created).toEqual({ ...inserted[i], ...same });
+          expect(leased[i]!.assigned).toEqual({ ...assigned[i], ...same, assignedAt: task.createdAt, updatedAt: task.createdAt });
+          expect(await db.tasks.get(task.taskId)).toEqual(leased[i]!.assigned);
+          // The first two rows of the trail written change by change, the assignment dated at creation.
+          const [createdRow, assignedRow] = await db.tasks.auditTrail(tasks[i]!.taskId);
+          expect(await db.tasks.auditTrail(task.taskId)).toEqual([createdRow, { ...assignedRow, createdAt: task.createdAt }]);
+        }
       } finally {
         query.mockRestore();
       }
