@@ -69,12 +69,17 @@ export class Dispatcher {
    */
   private readonly leasing = new Map<string, { cancelled: boolean }>();
   /**
-   * Types a dispatch pass found nothing queued for, with nothing announced
-   * since. A hand-off is offered only to agents whose types are all here:
-   * under a backlog it would hold a freed slot while asking the queue, and
-   * delay the pass that fills that slot. The queue has the final word.
+   * Types a claim found nothing queued for, with nothing announced since.
+   * A pass skips agents whose types are all here, so a slot freed while the
+   * queue is empty costs no queue call. A hand-off is offered only to such
+   * agents: under a backlog it would hold a freed slot while asking the
+   * queue, and delay the pass that fills that slot; the queue has the final
+   * word. Each sweep forgets them all, so a lost announcement strands work
+   * for one sweep interval at most.
    */
   private readonly dryTypes = new Set<TaskType>();
+  /** Announcements received, by type: a claim that saw one arrive meanwhile proves nothing dry. */
+  private readonly announced = new Map<TaskType, number>();
   /**
    * Sessions a claim is on its way for. A hand-off to one of them could
    * overtake what that claim removed from the queue, where the create's
@@ -87,6 +92,7 @@ export class Dispatcher {
   constructor(private readonly o: DispatcherOptions) {
     this.unsubscribe = [
       o.queue.onAvailable((taskType) => {
+        this.announced.set(taskType, (this.announced.get(taskType) ?? 0) + 1);
         this.dryTypes.delete(taskType);
         this.kick();
       }),
@@ -222,6 +228,12 @@ export class Dispatcher {
     }
   }
 
+  /** Forgets which types were found empty and runs a pass that asks the queue again (see `dryTypes`). */
+  recheck(): void {
+    this.dryTypes.clear();
+    this.kick();
+  }
+
   /** Requests a dispatch pass. */
   kick(): void {
     if (this.stopped) return;
@@ -258,32 +270,33 @@ export class Dispatcher {
    * in one step instead of one task per round trip. The share (free slots
    * divided by the sessions still hungry) keeps a burst spread over agents.
    * A claim that finds nothing for a set of task types answers for every
-   * session whose capabilities fall within it, so a pass costs one claim per
-   * distinct capability set rather than one per idle session.
+   * session whose capabilities fall within it (`dryTypes`), in this pass and
+   * later ones until work of one of those types is announced, so a pass
+   * costs one claim per distinct capability set rather than one per idle
+   * session, and none for a slot freed while the queue is empty.
    */
   private async pass(): Promise<void> {
     const sessions = [...this.sessions.values()];
     // Start each pass somewhere else, so no agent is always served first.
     const offset = sessions.length ? this.rotation++ % sessions.length : 0;
     let candidates = [...sessions.slice(offset), ...sessions.slice(0, offset)].filter((s) => s.freeSlots > 0);
-    const exhausted: Array<ReadonlySet<string>> = [];
-    const hasNoWork = (s: AgentSession) => exhausted.some((empty) => s.capabilities.every((t) => empty.has(t)));
+    const hasNoWork = (s: AgentSession) => s.capabilities.every((t) => this.dryTypes.has(t));
+    const announcedFor = (s: AgentSession) => s.capabilities.reduce((sum, t) => sum + (this.announced.get(t) ?? 0), 0);
     while (candidates.length > 0 && !this.stopped) {
       const stillHungry: AgentSession[] = [];
       for (const session of candidates) {
         if (session.freeSlots <= 0 || hasNoWork(session)) continue;
         const want = Math.min(MAX_CLAIM, Math.max(1, Math.floor(session.freeSlots / candidates.length)));
+        const before = announcedFor(session);
         const { claimed, dry } = await this.assignSome(session, want);
-        // A type announced while this claim was on its way may be marked dry
-        // wrongly; that costs a hand-off attempt, not order: the create's
-        // check sees what is queued, and no hand-off goes to a session while
-        // a claim for it is on its way.
-        for (const type of session.capabilities) {
-          if (dry) this.dryTypes.add(type);
-          else this.dryTypes.delete(type);
+        if (!dry) {
+          for (const type of session.capabilities) this.dryTypes.delete(type);
+          if (claimed > 0 && session.freeSlots > 0) stillHungry.push(session);
+        } else if (announcedFor(session) === before) {
+          // Work announced while the claim was on its way may not have been
+          // seen by it; that announcement has asked for another pass.
+          for (const type of session.capabilities) this.dryTypes.add(type);
         }
-        if (dry) exhausted.push(new Set(session.capabilities));
-        else if (claimed > 0 && session.freeSlots > 0) stillHungry.push(session);
       }
       candidates = stillHungry;
     }

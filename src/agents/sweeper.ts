@@ -31,7 +31,9 @@ const BATCH = 500;
  * - ends attempts past their execution timeout (the agent is told);
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
- * - queues retries whose backoff has passed.
+ * - queues retries whose backoff has passed;
+ * - has the dispatcher ask the queue again for agents it believes have
+ *   nothing to do, in case an announcement of work was lost.
  * Dispatch itself never waits on this: it is event-driven.
  */
 export class Sweeper {
@@ -62,6 +64,8 @@ export class Sweeper {
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
+    // Work whose announcement was lost (another instance's, over pub/sub) waits no longer than this.
+    this.o.dispatcher.recheck();
   }
 
   private async step(what: string, work: () => Promise<void>): Promise<void> {

@@ -74,6 +74,27 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     throw new Error("no warm-up task was handed straight to the agent");
   }
 
+  /**
+   * A PENDING code task of priority 5, in the database and in the Redis
+   * queue, as another instance queues one, but without its "work queued"
+   * announcement: this instance is not told.
+   */
+  async function queueUnannounced(s: TestServer, description: string): Promise<string> {
+    const redis = new Redis(TEST_REDIS_URL);
+    const taskId = uuidv7();
+    try {
+      const seq = await redis.incr(`{${s.data.prefix}}:seq`);
+      await s.persistence.tasks.insert(
+        { taskId, taskType: "code", description, priority: 5, metadata: {}, maxAttempts: 3, correlationId: "other-instance", seq, createdAt: new Date(), timeoutMs: null, idempotencyKey: null, requestHash: null },
+        { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null, correlationId: "other-instance" },
+      );
+      await redis.zadd(`{${s.data.prefix}}:q:code`, String(5 * 2 ** 40 + seq), taskId);
+    } finally {
+      redis.disconnect();
+    }
+    return taskId;
+  }
+
   /** Sessions waiting on a lock the test's own connection holds. */
   async function lockWaiters(client: pg.Client): Promise<number[]> {
     // Inside a transaction, pg_stat_activity is a snapshot taken at its first read.
@@ -183,26 +204,30 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     await warmUp(s, coder, "code");
     const seen = coder.assignments.length;
     // What another instance leaves when its "work queued" announcement is
-    // still on the way: a PENDING task in the database and in the queue, and
-    // no signal here, so this instance still believes the queue is empty.
-    const redis = new Redis(TEST_REDIS_URL);
-    const older = uuidv7();
-    try {
-      const seq = await redis.incr(`{${s.data.prefix}}:seq`);
-      await s.persistence.tasks.insert(
-        { taskId: older, taskType: "code", description: "older", priority: 5, metadata: {}, maxAttempts: 3, correlationId: "other-instance", seq, createdAt: new Date(), timeoutMs: null, idempotencyKey: null, requestHash: null },
-        { action: "task.created", fromStatus: null, toStatus: "pending", agentId: null, correlationId: "other-instance" },
-      );
-      await redis.zadd(`{${s.data.prefix}}:q:code`, String(5 * 2 ** 40 + seq), older);
-    } finally {
-      redis.disconnect();
-    }
+    // still on the way: this instance still believes the queue is empty.
+    const older = await queueUnannounced(s, "older");
     const newer = (await post(s, "/tasks", { task_type: "code", description: "newer", priority: 5 })).body.task_id as string;
     await coder.waitForFrame("task_assignment", seen + 1);
     expect(coder.assignments.slice(seen).map((x) => x.taskId)).toEqual([older]);
     coder.complete(older, {});
     await coder.waitForFrame("task_assignment", seen + 2);
     expect(coder.assignments.slice(seen).map((x) => x.taskId)).toEqual([older, newer]);
+  });
+
+  it.skipIf(!available || name === "embedded")("an idle agent gets work whose announcement was lost, within a sweep interval", async () => {
+    const s = await start(name, { env: { SWEEP_INTERVAL_MS: "300" } });
+    const coder = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
+    // The instance has found the queue empty for the agent, and the agent is idle.
+    await warmUp(s, coder, "code");
+    const seen = coder.assignments.length;
+    // Another instance queued a task, and its "work queued" message never
+    // arrived: nothing on this instance will ask the queue again on its own.
+    const lost = await queueUnannounced(s, "unannounced");
+    const queuedAt = Date.now();
+    await coder.waitForFrame("task_assignment", seen + 1);
+    expect(coder.assignments[seen]).toMatchObject({ taskId: lost, attempt: 1 });
+    // Within about one sweep interval (300 ms), with room for a slow machine.
+    expect(Date.now() - queuedAt).toBeLessThan(3000);
   });
 
   it.skipIf(!available || name === "embedded")("an agent that leaves while a task is being handed to it loses nothing: the task runs on the next agent", async () => {
