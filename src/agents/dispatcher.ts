@@ -27,8 +27,12 @@ export interface HandOff {
   begin(taskId: string, now: Date): Lease;
   /** Gives the leased task to the agent, or back to the queue if the agent left or the instance is stopping. */
   deliver(task: TaskRecord): Promise<void>;
-  /** The task was not leased (the queue had work first, or the write failed). */
-  release(): void;
+  /**
+   * The task was not leased: the write failed, or (`workQueued`) the queue
+   * had work the agent would take first, which proves its types are not
+   * empty whatever this instance was told.
+   */
+  release(workQueued?: boolean): void;
 }
 
 export interface DispatcherOptions {
@@ -80,6 +84,8 @@ export class Dispatcher {
   private readonly dryTypes = new Set<TaskType>();
   /** Announcements received, by type: a claim that saw one arrive meanwhile proves nothing dry. */
   private readonly announced = new Map<TaskType, number>();
+  /** `recheck` calls so far: a claim that saw one meanwhile proves nothing dry either. */
+  private rechecks = 0;
   /**
    * Sessions a claim is on its way for. A hand-off to one of them could
    * overtake what that claim removed from the queue, where the create's
@@ -196,9 +202,11 @@ export class Dispatcher {
         session.deliver(task);
         this.o.events.publish(task);
       },
-      release: () => {
+      release: (workQueued = false) => {
+        if (workQueued) for (const type of session.capabilities) this.dryTypes.delete(type);
         // A pass may have passed this slot over while it was held.
         if (settle()) this.slotFreed();
+        else if (workQueued) this.kick();
       },
     };
   }
@@ -230,6 +238,7 @@ export class Dispatcher {
 
   /** Forgets which types were found empty and runs a pass that asks the queue again (see `dryTypes`). */
   recheck(): void {
+    this.rechecks++;
     this.dryTypes.clear();
     this.kick();
   }
@@ -281,7 +290,7 @@ export class Dispatcher {
     const offset = sessions.length ? this.rotation++ % sessions.length : 0;
     let candidates = [...sessions.slice(offset), ...sessions.slice(0, offset)].filter((s) => s.freeSlots > 0);
     const hasNoWork = (s: AgentSession) => s.capabilities.every((t) => this.dryTypes.has(t));
-    const announcedFor = (s: AgentSession) => s.capabilities.reduce((sum, t) => sum + (this.announced.get(t) ?? 0), 0);
+    const announcedFor = (s: AgentSession) => s.capabilities.reduce((sum, t) => sum + (this.announced.get(t) ?? 0), this.rechecks);
     while (candidates.length > 0 && !this.stopped) {
       const stillHungry: AgentSession[] = [];
       for (const session of candidates) {
@@ -293,8 +302,8 @@ export class Dispatcher {
           for (const type of session.capabilities) this.dryTypes.delete(type);
           if (claimed > 0 && session.freeSlots > 0) stillHungry.push(session);
         } else if (announcedFor(session) === before) {
-          // Work announced while the claim was on its way may not have been
-          // seen by it; that announcement has asked for another pass.
+          // Work announced (or a recheck asked for) while the claim was on
+          // its way may not have been seen by it; either asked for another pass.
           for (const type of session.capabilities) this.dryTypes.add(type);
         }
       }

@@ -32,8 +32,8 @@ const BATCH = 500;
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
  * - queues retries whose backoff has passed;
- * - has the dispatcher ask the queue again for agents it believes have
- *   nothing to do, in case an announcement of work was lost.
+ * - first of all, has the dispatcher ask the queue again for agents it
+ *   believes have nothing to do, in case an announcement of work was lost.
  * Dispatch itself never waits on this: it is event-driven.
  */
 export class Sweeper {
@@ -55,6 +55,9 @@ export class Sweeper {
 
   /** One pass; each step's failure is logged and retried next time. */
   async sweep(): Promise<void> {
+    // First, so that work whose announcement was lost (another instance's,
+    // over pub/sub) never waits behind the database steps below.
+    this.o.dispatcher.recheck();
     const now = this.o.clock();
     const sessions = this.o.dispatcher.list();
     for (const s of sessions) s.expireOverdue(now);
@@ -64,8 +67,6 @@ export class Sweeper {
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
-    // Work whose announcement was lost (another instance's, over pub/sub) waits no longer than this.
-    this.o.dispatcher.recheck();
   }
 
   private async step(what: string, work: () => Promise<void>): Promise<void> {

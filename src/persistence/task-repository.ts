@@ -139,6 +139,8 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     },
 
     async insertAssigned(task, audit, lease) {
+      // Both audit rows take the row's updated_at as their time.
+      if (lease.now.getTime() !== task.createdAt.getTime()) throw new RangeError("a task stored already leased is leased when it is created");
       // Born leased: one row version and one statement instead of an insert
       // and an update, with both changes in the audit trail.
       const { set, audit: leased } = assignment(lease, 1);

@@ -332,14 +332,15 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
 
     async enqueue(entry) {
       assertValidEntry(entry);
-      const added = await client.aaosEnqueue(
-        1,
-        typeKey(entry.taskType),
-        scoreOf(entry),
-        entry.taskId,
-        channel,
-        `${entry.taskType}|${origin}`,
-      );
+      let added: number;
+      try {
+        added = await client.aaosEnqueue(1, typeKey(entry.taskType), scoreOf(entry), entry.taskId, channel, `${entry.taskType}|${origin}`);
+      } catch (e: unknown) {
+        // The entry may be in even though the reply was lost, and this
+        // instance ignores its own announcement coming back: say so here.
+        notifyListeners(listeners, entry.taskType, log);
+        throw e;
+      }
       if (added === 1) notifyListeners(listeners, entry.taskType, log);
     },
 

@@ -53,7 +53,7 @@ export interface TaskRepository {
   insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord>;
   /**
    * A new task stored already leased to `lease.agentId`: a task handed
-   * straight to a waiting agent. Its audit trail is `audit`, then the
+   * straight to a waiting agent. `lease.now` must be `task.createdAt`. Its audit trail is `audit`, then the
    * assignment, as if `insert` and `assign` had run. `created` is the task
    * as `insert` would have returned it (PENDING), `assigned` as stored.
    */

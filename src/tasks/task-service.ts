@@ -138,7 +138,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
           const allocated = await queue.allocateSeqFirst(handOff.capabilities, valid.priority);
           seq = allocated.seq;
           if (!allocated.first) {
-            handOff.release();
+            handOff.release(true);
             handOff = undefined;
           }
         } else {
