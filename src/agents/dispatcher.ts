@@ -206,7 +206,6 @@ export class Dispatcher {
         if (workQueued) for (const type of session.capabilities) this.dryTypes.delete(type);
         // A pass may have passed this slot over while it was held.
         if (settle()) this.slotFreed();
-        else if (workQueued) this.kick();
       },
     };
   }

@@ -53,9 +53,10 @@ export interface TaskRepository {
   insert(task: NewTask, audit: AuditEntry): Promise<TaskRecord>;
   /**
    * A new task stored already leased to `lease.agentId`: a task handed
-   * straight to a waiting agent. `lease.now` must be `task.createdAt`. Its audit trail is `audit`, then the
-   * assignment, as if `insert` and `assign` had run. `created` is the task
-   * as `insert` would have returned it (PENDING), `assigned` as stored.
+   * straight to a waiting agent. `lease.now` must be `task.createdAt`. Its
+   * audit trail is `audit`, then the assignment, as if `insert` and
+   * `assign` had run. `created` is the task as `insert` would have returned
+   * it (PENDING), `assigned` as stored.
    */
   insertAssigned(task: NewTask, audit: AuditEntry, lease: Lease): Promise<{ created: TaskRecord; assigned: TaskRecord }>;
   /** Removes a task that was never queued (used when enqueue fails). */
