@@ -80,7 +80,12 @@ export function createMetricsService(o: {
     },
 
     async health(): Promise<HealthReport> {
-      const [database, queue] = await Promise.all([probe(o.pingDatabase), probe(() => o.queue.ping())]);
+      // Reachable is not enough: a queue that lost its data refuses new tasks
+      // until the rebuild, and saying "ok" then would send creates into 503s.
+      const queueUsable = async () => {
+        if (!(await o.queue.intact())) throw new Error("lost its data; being rebuilt from the database");
+      };
+      const [database, queue] = await Promise.all([probe(o.pingDatabase), probe(queueUsable)]);
       return { healthy: database === "ok" && queue === "ok", components: { database, queue } };
     },
   };

@@ -79,6 +79,32 @@ describe("backend faults on postgres+redis", () => {
     await summarize(s);
   });
 
+  it.skipIf(!privateRedisOk)("Redis FLUSHDB: /health says the queue is unusable until the rebuild, which a refused create asks for", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("Redis FLUSHDB health");
+    // No periodic check: only the refused create below can start the rebuild.
+    const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
+    const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
+    expect((await getJson(server, "/health")).status).toBe(200);
+
+    const admin = new Redis(redis.url);
+    s.onCleanup(() => admin.disconnect());
+    await admin.flushdb();
+    const h = await getJson<{ status: string; components: { queue: string; database: string } }>(server, "/health");
+    expect(h.status).toBe(503);
+    expect(h.body.components).toEqual({ database: "ok", queue: expect.stringMatching(/^unavailable: lost its data/) });
+    const refused = await postTask(server, { description: "refused while the queue is gone" });
+    expect(refused.status, JSON.stringify(refused.body)).toBe(503);
+
+    await eventually(async () => (await getJson(server, "/health")).status === 200, 10_000, "/health ok after the rebuild");
+    // Healthy means usable: a create right after succeeds and queues behind the older task.
+    const after = await s.createTask(server, { description: "created once healthy", priority: 5 });
+    const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
+    await agent.waitForFrame("completion_ack", 2, 15_000);
+    expect(agent.assignments.map((a) => a.taskId)).toEqual([queued, after]);
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+
   it.skipIf(!privateRedisOk)("Redis refusing writes (maxmemory): creates 503 with nothing written; a retried task the queue refused runs once Redis takes writes again", { timeout: 60_000 }, async () => {
     const { s, redis } = await withPrivateRedis("Redis refusing writes");
     const server = await s.startServer();
