@@ -103,6 +103,50 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     return r.rows.map((row: { pid: number }) => row.pid);
   }
 
+  /**
+   * A new code agent on `s` gets the task as attempt 2, after `first` was
+   * leased it and handed it back, with no failure counted.
+   */
+  async function expectRunAfterHandBack(s: TestServer, taskId: string, first: TestAgent): Promise<void> {
+    const next = track(await GrpcAgent.connect(s.port, { capabilities: ["code"] }));
+    await next.waitForFrame("task_assignment");
+    expect(next.assignments[0]).toMatchObject({ taskId, attempt: 2 });
+    const trail = await s.persistence.tasks.auditTrail(taskId);
+    expect(trail.map((r) => [r.action, r.agentId])).toEqual([
+      ["task.created", null],
+      ["task.assigned", first.agentId],
+      ["task.requeued", first.agentId],
+      ["task.assigned", next.agentId],
+    ]);
+    expect(await getTask(s, taskId)).toMatchObject({ status: "assigned", failed_attempts: 0 });
+  }
+
+  /**
+   * Starts a create (idempotency key "held-key") whose insert waits on the
+   * key's unique index, behind a twin of a committed task that holds the
+   * same key in a transaction the test keeps open. The blocker's ROLLBACK
+   * lets the insert go; the caller ends the blocker.
+   */
+  async function createBehindHeldKey(s: TestServer, body: object): Promise<{ created: ReturnType<typeof post>; blocker: pg.Client }> {
+    const tasks = `"${s.data.schema}".tasks`;
+    const template = (await post(s, "/tasks", { task_type: "trading", description: "template" })).body.task_id as string;
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(
+        `INSERT INTO ${tasks} SELECT (jsonb_populate_record(null::${tasks}, to_jsonb(t) || jsonb_build_object('task_id', gen_random_uuid()::text, 'idempotency_key', 'held-key'))).* FROM ${tasks} t WHERE task_id = $1`,
+        [template],
+      );
+      const created = post(s, "/tasks", body, { "Idempotency-Key": "held-key" });
+      await eventually(async () => (await lockWaiters(blocker)).length === 1, 5000, "the create's insert waiting on the key");
+      return { created, blocker };
+    } catch (e: unknown) {
+      await blocker.end();
+      throw e;
+    }
+  }
+
   it.skipIf(!available)("a retryable failure comes back after a backoff at its priority; the next attempt completes", async () => {
     const s = await start(name, { env: FAST });
     const a = track(await WsAgent.connect(s.port, { capabilities: ["qa"] }));
@@ -232,43 +276,42 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
 
   it.skipIf(!available || name === "embedded")("an agent that leaves while a task is being handed to it loses nothing: the task runs on the next agent", async () => {
     const s = await start(name);
-    const tasks = `"${s.data.schema}".tasks`;
-    // The create will wait on the key's unique index: a twin of a committed
-    // task holds the same key in a transaction the test keeps open.
-    const template = (await post(s, "/tasks", { task_type: "trading", description: "template" })).body.task_id as string;
-    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
-    await blocker.connect();
     const leaving = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
     await warmUp(s, leaving, "code");
-    let created: ReturnType<typeof post>;
+    const { created, blocker } = await createBehindHeldKey(s, { task_type: "code", description: "handed over" });
     try {
-      await blocker.query("BEGIN");
-      await blocker.query(
-        `INSERT INTO ${tasks} SELECT (jsonb_populate_record(null::${tasks}, to_jsonb(t) || jsonb_build_object('task_id', gen_random_uuid()::text, 'idempotency_key', 'held-key'))).* FROM ${tasks} t WHERE task_id = $1`,
-        [template],
-      );
-      created = post(s, "/tasks", { task_type: "code", description: "handed over" }, { "Idempotency-Key": "held-key" });
-      await eventually(async () => (await lockWaiters(blocker)).length === 1, 5000, "the create's insert waiting on the key");
       leaving.kill();
       await eventually(async () => (await s.persistence.agents.list()).find((x) => x.agentId === leaving.agentId)?.status === "disconnected", 5000, "the agent's session closed");
       await blocker.query("ROLLBACK");
     } finally {
       await blocker.end();
     }
-    const { status, body } = await created!;
+    const { status, body } = await created;
     expect(status).toBe(201);
-    const next = track(await GrpcAgent.connect(s.port, { capabilities: ["code"] }));
-    await next.waitForFrame("task_assignment");
-    expect(next.assignments[0]).toMatchObject({ taskId: body.task_id, attempt: 2 });
     expect(leaving.assignments.some((x) => x.taskId === body.task_id)).toBe(false);
-    const trail = await s.persistence.tasks.auditTrail(body.task_id);
-    expect(trail.map((r) => [r.action, r.agentId])).toEqual([
-      ["task.created", null],
-      ["task.assigned", leaving.agentId],
-      ["task.requeued", leaving.agentId],
-      ["task.assigned", next.agentId],
-    ]);
-    expect(await getTask(s, body.task_id)).toMatchObject({ status: "assigned", failed_attempts: 0 });
+    await expectRunAfterHandBack(s, body.task_id, leaving);
+  });
+
+  it.skipIf(!available || name === "embedded")("a task whose hand-off commits after shutdown began goes back to the queue, not to the draining agent", async () => {
+    const s = await start(name, { env: { SHUTDOWN_GRACE_MS: "5000" } });
+    const draining = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
+    await warmUp(s, draining, "code");
+    const seen = draining.assignments.length;
+    const { created, blocker } = await createBehindHeldKey(s, { task_type: "code", description: "handed over late" });
+    let closing: Promise<void>;
+    try {
+      closing = s.app.close();
+      await draining.waitForFrame("drain");
+      await blocker.query("ROLLBACK");
+    } finally {
+      await blocker.end();
+    }
+    const { status, body } = await created;
+    expect(status).toBe(201);
+    await closing!;
+    expect(draining.assignments.length).toBe(seen);
+    // Another instance on the same database and Redis runs it.
+    await expectRunAfterHandBack(await start(name, { shareWith: s }), body.task_id, draining);
   });
 
   it.skipIf(!available)("an idempotency key returns the original task for a repeat and refuses a different request", async () => {
@@ -292,6 +335,29 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     tc.close();
     const counts = await s.persistence.tasks.countByStatus();
     expect(counts.pending).toBe(3);
+  });
+
+  it.skipIf(!available)("with TASK_RETENTION_MS, a finished task and its audit rows go once the period has passed; unfinished work stays", async () => {
+    const s = await start(name, { env: { TASK_RETENTION_MS: "800", IDEMPOTENCY_TTL_MS: "800", SWEEP_INTERVAL_MS: "50" } });
+    const a = track(await GrpcAgent.connect(s.port, { capabilities: ["qa"], maxConcurrency: 1 }));
+    const done = (await post(s, "/tasks", { task_type: "qa", description: "finished" })).body.task_id as string;
+    const waiting = (await post(s, "/tasks", { task_type: "research", description: "nobody takes this" })).body.task_id as string;
+    await a.waitForFrame("task_assignment");
+    a.complete(done, { ok: true });
+    await a.waitForFrame("completion_ack");
+    const finished = await getTask(s, done);
+    expect(finished).toMatchObject({ status: "completed" });
+
+    const gone = await eventually(async () => ((await fetch(`${s.baseUrl}/tasks/${done}`)).status === 404 ? Date.now() : 0), 10_000, "the finished task to be deleted");
+    expect(gone - Date.parse(finished.completed_at)).toBeGreaterThanOrEqual(800);
+    expect(await s.persistence.tasks.auditTrail(done)).toEqual([]);
+    const tc = grpcClient("TaskService", s.port);
+    await expect(unary(tc, "GetTask", { task_id: done })).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+    tc.close();
+    expect(await getTask(s, waiting)).toMatchObject({ status: "pending" });
+    const metrics = (await (await fetch(`${s.baseUrl}/metrics`)).json()) as Record<string, any>;
+    expect(metrics.tasks).toMatchObject({ total: 1, pending: 1, completed: 0 });
+    expect(s.logs.lines.some((l) => l.msg === "deleted finished tasks past their retention" && l.deleted === 1)).toBe(true);
   });
 
   it.skipIf(!available || name === "embedded")("an agent's next task is leased while its last result commits, never past max_concurrency", async () => {
@@ -373,6 +439,62 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     a.complete(ids[0]!, { first: true });
     await a.waitFor((x) => x.frames.some((f) => f.type === "completion_ack" && f.taskId === ids[0]), 5000, "the first result recorded");
     expect(await getTask(s, ids[0]!)).toMatchObject({ status: "completed", result: { first: true } });
+  });
+
+  it.skipIf(!available || name === "embedded")("a delete of expired history that is stuck never holds up the renewal of live leases", async () => {
+    const s = await start(name, {
+      env: { TASK_RETENTION_MS: "300", IDEMPOTENCY_TTL_MS: "300", SWEEP_INTERVAL_MS: "50", LEASE_TTL_MS: "600", HEARTBEAT_INTERVAL_MS: "100", HEARTBEAT_TIMEOUT_MS: "10000", DB_STATEMENT_TIMEOUT_MS: "20000", DB_LOCK_TIMEOUT_MS: "0" },
+    });
+    const a = track(await GrpcAgent.connect(s.port, { capabilities: ["qa"], maxConcurrency: 2 }));
+    const held = (await post(s, "/tasks", { task_type: "qa", description: "long job" })).body.task_id as string;
+    const done = (await post(s, "/tasks", { task_type: "qa", description: "finished" })).body.task_id as string;
+    await a.waitForFrame("task_assignment", 2);
+    a.complete(done, {});
+    await a.waitForFrame("completion_ack");
+    // The delete of the finished task's audit rows, once it is due, waits on this lock.
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(`LOCK TABLE "${s.data.schema}".audit_logs IN ACCESS EXCLUSIVE MODE`);
+      await eventually(async () => (await lockWaiters(blocker)).length > 0, 5000, "the delete waiting on the audit rows");
+      const leases = new Set<string>();
+      await eventually(async () => {
+        const t = await getTask(s, held);
+        expect(t).toMatchObject({ status: "assigned", attempt: 1 });
+        leases.add(t.lease_expires_at);
+        return leases.size >= 3;
+      }, 5000, "the held task's lease renewed while the delete waits");
+      expect(await getTask(s, done)).toMatchObject({ status: "completed" });
+    } finally {
+      await blocker.query("ROLLBACK");
+      await blocker.end();
+    }
+    await eventually(async () => (await fetch(`${s.baseUrl}/tasks/${done}`)).status === 404, 5000, "the finished task deleted once the lock is gone");
+  });
+
+  it.skipIf(!available || name === "embedded")("a statement stuck past DB_STATEMENT_TIMEOUT_MS fails its request as unavailable, and nothing is left half-done", async () => {
+    const s = await start(name, { env: { DB_STATEMENT_TIMEOUT_MS: "300", DB_LOCK_TIMEOUT_MS: "0" } });
+    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+    await blocker.connect();
+    const tc = grpcClient("TaskService", s.port);
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(`LOCK TABLE "${s.data.schema}".tasks IN ACCESS EXCLUSIVE MODE`);
+      const metrics = await fetch(`${s.baseUrl}/metrics`);
+      expect(metrics.status).toBe(503);
+      const created = await post(s, "/tasks", { task_type: "code", description: "while the table is locked" });
+      expect(created).toMatchObject({ status: 503, body: { code: "unavailable" } });
+      await expect(unary(tc, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "also refused" })).rejects.toMatchObject({ code: grpc.status.UNAVAILABLE });
+    } finally {
+      await blocker.query("ROLLBACK");
+      await blocker.end();
+      tc.close();
+    }
+    // The refused creates left nothing behind; the service carries on.
+    expect(await s.persistence.tasks.countByStatus()).toMatchObject({ pending: 0 });
+    expect((await post(s, "/tasks", { task_type: "code", description: "after" })).status).toBe(201);
+    expect((await fetch(`${s.baseUrl}/metrics`)).status).toBe(200);
   });
 
   it.skipIf(!available)("a lease nobody renews (its holder's instance died) expires and the task runs elsewhere", async () => {
