@@ -129,7 +129,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   const latency = new LatencyWindow();
   const repairQueue = (reason: string) => reconciler.repairSoon(reason);
   const dispatcher = new Dispatcher({ tasks: persistence.tasks, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs, repairQueue });
-  const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry });
+  const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry, retentionMs: config.taskRetentionMs });
   sweeper.start();
   // Cleared when shutdown begins: new tasks and agents are refused so they
   // go to an instance that will still be there.
@@ -244,7 +244,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     const sessions = dispatcher.list();
     for (const s of sessions) s.drain(config.shutdownGraceMs);
     if (!(await heldTasksDrained(dispatcher, config.shutdownGraceMs))) log.info("grace period over; handing back the tasks still held");
-    sweeper.close();
+    void sweeper.close();
     const ended = await settleWithin(config.shutdownGraceMs, Promise.all(sessions.map((s) => s.close(SERVER_SHUTDOWN))));
     if (!ended) log.warn("agent sessions did not finish closing in time; their leases stay until they expire");
   };
@@ -284,7 +284,8 @@ export async function buildApp(deps: AppDeps): Promise<App> {
 
   fastify.addHook("onClose", async () => {
     clearTimeout(forceTimer);
-    sweeper.close();
+    // Before the database closes under it.
+    if (!(await settleWithin(config.shutdownGraceMs, sweeper.close()))) log.warn("deleting finished tasks did not end in time");
     // A backend that stopped answering must not keep the process from exiting.
     if (!(await settleWithin(config.shutdownGraceMs, Promise.all([queue.close(), events.close()])))) log.warn("queue did not close in time");
     if (!(await settleWithin(config.shutdownGraceMs, persistence.close()))) log.warn("database did not close in time");

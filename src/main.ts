@@ -14,7 +14,7 @@ const version = (JSON.parse(readFileSync(new URL("../../package.json", import.me
 const redact = (url: string) => url.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:***@");
 
 async function start(config: Config, log: Logger): Promise<void> {
-  const persistence = await createPersistence({ url: config.databaseUrl, lockTimeoutMs: config.dbLockTimeoutMs, log });
+  const persistence = await createPersistence({ url: config.databaseUrl, lockTimeoutMs: config.dbLockTimeoutMs, statementTimeoutMs: config.dbStatementTimeoutMs, log });
   const queue: PriorityQueue = config.redisUrl
     ? createRedisQueue({ url: config.redisUrl, prefix: config.redisPrefix, log })
     : createInProcessQueue({ log });

@@ -18,10 +18,21 @@ export interface SweeperOptions {
   intervalMs: number;
   leaseTtlMs: number;
   retry: RetryPolicy;
+  /** How long finished tasks are kept; undefined keeps them for ever. */
+  retentionMs?: number;
 }
 
 /** Rows handled per kind per sweep, so one sweep never holds the loop for long. */
 const BATCH = 500;
+/**
+ * Finished tasks deleted per statement, and statements per sweep: up to
+ * 4,000 per sweep and instance, more than one instance creates in a sweep
+ * interval, so the history never grows without bound once retention is on.
+ */
+const PRUNE_BATCH = 1_000;
+const PRUNE_ROUNDS = 4;
+/** Longest wait between looks for newly expired history once none was left. */
+const PRUNE_IDLE_MAX_MS = 60_000;
 
 /**
  * The time-driven side of delivery, one pass every `intervalMs`:
@@ -32,6 +43,9 @@ const BATCH = 500;
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
  * - queues retries whose backoff has passed;
+ * - with a retention period, deletes finished tasks (and their audit rows)
+ *   older than it, a bounded number per pass, beside the steps above so
+ *   that a slow delete never holds up a lease renewal;
  * - first of all, has the dispatcher ask the queue again for agents it
  *   believes have nothing to do, in case an announcement of work was lost.
  * Dispatch itself never waits on this: it is event-driven.
@@ -39,6 +53,10 @@ const BATCH = 500;
 export class Sweeper {
   private timer: NodeJS.Timeout | undefined;
   private lastRenewal = 0;
+  private nextPruneAt = 0;
+  /** Where the current round of deletes resumes: rows before it were deleted or are not due. */
+  private pruneFrom: Date | undefined;
+  private pruning: Promise<void> | undefined;
   private stopped = false;
 
   constructor(private readonly o: SweeperOptions) {}
@@ -67,6 +85,7 @@ export class Sweeper {
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
+    this.pruning ??= this.step("delete finished tasks past their retention", () => this.prune(now)).finally(() => (this.pruning = undefined));
   }
 
   private async step(what: string, work: () => Promise<void>): Promise<void> {
@@ -115,9 +134,32 @@ export class Sweeper {
     await this.o.tasks.markQueued(due.map((t) => t.taskId));
   }
 
-  /** Safe to call twice. */
-  close(): void {
+  private async prune(now: Date): Promise<void> {
+    const retentionMs = this.o.retentionMs;
+    if (retentionMs === undefined || now.getTime() < this.nextPruneAt) return;
+    const cutoff = new Date(now.getTime() - retentionMs);
+    let deleted = 0;
+    let full = true;
+    for (let round = 0; round < PRUNE_ROUNDS && full; round++) {
+      // Resuming where the last statement stopped: old tasks that are not
+      // due (a backlog nobody takes, a task that finished late) are looked
+      // at once per round, not once per statement.
+      const batch = await this.o.tasks.deleteFinishedBefore(cutoff, PRUNE_BATCH, this.pruneFrom);
+      deleted += batch.deleted;
+      full = batch.deleted === PRUNE_BATCH;
+      this.pruneFrom = full ? batch.last : undefined;
+    }
+    if (deleted > 0) this.o.log.info({ deleted, finished_before: cutoff.toISOString() }, "deleted finished tasks past their retention");
+    // A short statement reached the end: nothing else is due yet. Looking
+    // again after a quarter of the retention, at most a minute, deletes a
+    // task at most that late, and spares an idle instance a query every sweep.
+    this.nextPruneAt = full ? 0 : now.getTime() + Math.min(PRUNE_IDLE_MAX_MS, retentionMs / 4);
+  }
+
+  /** Stops sweeping; resolves once a delete still running has ended. Safe to call twice. */
+  close(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
+    return this.pruning ?? Promise.resolve();
   }
 }

@@ -43,6 +43,11 @@ const ConfigSchema = z
     RETRY_MAX_MS: durationMs(60_000),
     /** How long an idempotency key returns its original task. */
     IDEMPOTENCY_TTL_MS: durationMs(24 * 60 * 60_000),
+    /**
+     * Finished tasks (completed, failed, cancelled) and their audit rows are
+     * deleted this long after they finished. Unset: kept for ever.
+     */
+    TASK_RETENTION_MS: z.coerce.number().int().positive().max(100 * 365 * 24 * 60 * 60_000).optional(),
     MAX_DESCRIPTION_LENGTH: z.coerce.number().int().min(3).max(1_000_000).default(2000),
     MAX_METADATA_BYTES: z.coerce.number().int().min(2).max(64 * 1024 * 1024).default(64 * 1024),
     MAX_RESULT_BYTES: z.coerce.number().int().min(2).max(64 * 1024 * 1024).default(1024 * 1024),
@@ -59,6 +64,12 @@ const ConfigSchema = z
      * waits for its table locks, so it cannot queue every writer behind it.
      */
     DB_LOCK_TIMEOUT_MS: z.coerce.number().int().min(0).max(2_147_483_647).default(10_000),
+    /**
+     * PostgreSQL: longest run of one statement before it is cancelled and
+     * fails with UNAVAILABLE; 0 leaves the server's own setting. Migrations
+     * at start-up run without it.
+     */
+    DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(0).max(2_147_483_647).default(30_000),
     /** Largest gRPC/Connect message, REST body and WebSocket frame accepted. */
     MAX_MESSAGE_BYTES: z.coerce.number().int().min(1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
   })
@@ -67,6 +78,14 @@ const ConfigSchema = z
     path: ["HEARTBEAT_TIMEOUT_MS"],
   })
   .refine((c) => c.RETRY_MAX_MS >= c.RETRY_BASE_MS, { message: "must be at least RETRY_BASE_MS", path: ["RETRY_MAX_MS"] })
+  .refine((c) => c.TASK_RETENTION_MS === undefined || c.TASK_RETENTION_MS >= c.IDEMPOTENCY_TTL_MS, {
+    message: "must be at least IDEMPOTENCY_TTL_MS, or a repeated request could create its task a second time",
+    path: ["TASK_RETENTION_MS"],
+  })
+  .refine((c) => c.DB_LOCK_TIMEOUT_MS === 0 || c.DB_STATEMENT_TIMEOUT_MS === 0 || c.DB_LOCK_TIMEOUT_MS < c.DB_STATEMENT_TIMEOUT_MS, {
+    message: "must be less than DB_STATEMENT_TIMEOUT_MS, or a lock wait would end as a statement timeout, which fails every write batched with it",
+    path: ["DB_LOCK_TIMEOUT_MS"],
+  })
   .refine((c) => c.LEASE_TTL_MS === undefined || c.LEASE_TTL_MS > c.HEARTBEAT_INTERVAL_MS, {
     message: "must be greater than HEARTBEAT_INTERVAL_MS, or every lease would lapse between renewals",
     path: ["LEASE_TTL_MS"],
@@ -85,6 +104,7 @@ export interface Config {
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
   readonly dbLockTimeoutMs: number;
+  readonly dbStatementTimeoutMs: number;
   readonly reconcileIntervalMs: number;
   readonly leaseTtlMs: number;
   readonly sweepIntervalMs: number;
@@ -92,6 +112,8 @@ export interface Config {
   readonly retryBaseMs: number;
   readonly retryMaxMs: number;
   readonly idempotencyTtlMs: number;
+  /** Unset: finished tasks are kept for ever. */
+  readonly taskRetentionMs: number | undefined;
   readonly limits: Limits;
 }
 
@@ -142,6 +164,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
     dbLockTimeoutMs: c.DB_LOCK_TIMEOUT_MS,
+    dbStatementTimeoutMs: c.DB_STATEMENT_TIMEOUT_MS,
     reconcileIntervalMs: c.RECONCILE_INTERVAL_MS,
     leaseTtlMs: c.LEASE_TTL_MS ?? c.HEARTBEAT_TIMEOUT_MS,
     sweepIntervalMs: c.SWEEP_INTERVAL_MS,
@@ -149,6 +172,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     retryBaseMs: c.RETRY_BASE_MS,
     retryMaxMs: c.RETRY_MAX_MS,
     idempotencyTtlMs: c.IDEMPOTENCY_TTL_MS,
+    taskRetentionMs: c.TASK_RETENTION_MS,
     limits: Object.freeze({
       descriptionMaxLength: c.MAX_DESCRIPTION_LENGTH,
       metadataMaxBytes: c.MAX_METADATA_BYTES,

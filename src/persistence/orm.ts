@@ -54,6 +54,11 @@ export interface PersistenceOptions {
   schema?: string;
   /** PostgreSQL: lock_timeout of every connection; 0 or unset leaves the server's setting. */
   lockTimeoutMs?: number;
+  /**
+   * PostgreSQL: statement_timeout of the service's connections; 0 or unset
+   * leaves the server's setting. Migrations run without it.
+   */
+  statementTimeoutMs?: number;
   log?: PersistenceLogger;
 }
 
@@ -99,7 +104,12 @@ function parseUrl(url: string): Target {
   );
 }
 
-function ormOptions(target: Target, schema: string | undefined, lockTimeoutMs: number | undefined): Partial<Options> {
+interface Timeouts {
+  lockTimeoutMs?: number;
+  statementTimeoutMs?: number;
+}
+
+function ormOptions(target: Target, schema: string | undefined, { lockTimeoutMs, statementTimeoutMs }: Timeouts): Partial<Options> {
   const common = {
     entities: ENTITIES,
     extensions: [Migrator],
@@ -136,11 +146,14 @@ function ormOptions(target: Target, schema: string | undefined, lockTimeoutMs: n
     // lock_timeout: a row held by a stuck session fails the write waiting on
     // it (and only that one, once its batch is retried alone) instead of
     // holding a write slot for as long as the other session lives.
+    // statement_timeout: no statement (a sweep, a count over a long
+    // history, a write behind a stalled disk) holds a connection for ever.
     driverOptions: {
       connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
       keepAlive: true,
       keepAliveInitialDelayMillis: 10_000,
       ...(lockTimeoutMs ? { lock_timeout: lockTimeoutMs } : {}),
+      ...(statementTimeoutMs ? { statement_timeout: statementTimeoutMs } : {}),
     },
     migrations: schema ? { ...migrations, schema } : migrations,
   };
@@ -169,7 +182,7 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     await mkdir(path.dirname(path.resolve(target.file)), { recursive: true });
   }
 
-  const orm = await MikroORM.init(ormOptions(target, options.schema, options.lockTimeoutMs));
+  let orm = await MikroORM.init(ormOptions(target, options.schema, { lockTimeoutMs: options.lockTimeoutMs }));
   try {
     const em = orm.em.fork() as EntityManager;
     try {
@@ -198,6 +211,16 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
   } catch (e: unknown) {
     await orm.close(true).catch(() => undefined);
     throw e;
+  }
+  if (target.dialect === "postgresql" && options.statementTimeoutMs) {
+    // The migrations above ran without the statement timeout: building an
+    // index on a large table may rightly take longer than any request.
+    await orm.close(true);
+    // ensureDatabase off: checked above, and checking again would run under the timeout.
+    orm = await MikroORM.init({
+      ...ormOptions(target, options.schema, { lockTimeoutMs: options.lockTimeoutMs, statementTimeoutMs: options.statementTimeoutMs }),
+      ensureDatabase: false,
+    });
   }
 
   const fork = () => orm.em.fork() as EntityManager;

@@ -10,9 +10,13 @@ import { createGroupCommit } from "./group-commit.js";
  *
  * A multi-statement query runs as one implicit transaction, so a statement
  * error (say a duplicate idempotency key) rolled the whole batch back, and
- * each statement is then run alone. Connection-level failures are not
- * retried: whether the batch committed is unknown, exactly as it would be
- * for a single statement.
+ * each statement is then run alone. Two kinds of failure fail every caller
+ * instead. Connection-level failures: whether the batch committed is
+ * unknown, exactly as it would be for a single statement. And a statement
+ * cancelled (statement_timeout, or an operator): whatever slowed it (a
+ * stalled disk, a long lock wait) would most likely slow the others as
+ * much, and running them one by one would cost each caller another timeout
+ * per statement ahead of it.
  */
 export interface StatementBatcher {
   /**
@@ -96,6 +100,11 @@ function isStatementError(e: unknown): boolean {
   const err = e as { code?: unknown; severity?: unknown } | null;
   if (typeof err?.severity !== "string" || typeof err.code !== "string" || !/^[0-9A-Z]{5}$/.test(err.code)) return false;
   return err.code === "08P01" || err.code === "57014" || !/^(08|57)/.test(err.code);
+}
+
+/** A statement error after which the batch's statements are each run alone (see the top of this file). */
+function retriedAlone(e: unknown): boolean {
+  return isStatementError(e) && (e as { code: string }).code !== "57014";
 }
 
 /** A batch that failed before anything reached the database. */
@@ -194,9 +203,9 @@ export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertErr
       try {
         results = await pool.query((lock ? [lock, ...sqls] : sqls).join(";\n"));
       } catch (e: unknown) {
-        // Keep the driver's error: retryAlone needs its SQLSTATE. Callers
-        // get a converted one from runOne, or from the rejection below.
-        throw isStatementError(e) ? e : converted(e);
+        // Keep the driver's error for a retry: retryAlone needs its
+        // SQLSTATE. Callers then get a converted one from runOne.
+        throw retriedAlone(e) ? e : converted(e);
       }
       const list = Array.isArray(results) ? results : [results];
       const offset = lock ? 1 : 0;
@@ -235,7 +244,7 @@ export function createStatementBatcher({ pool, maxBatch, maxInFlight, convertErr
         throw converted(e);
       }
     },
-    retryAlone: (e) => e instanceof NotSent || isStatementError(e),
+    retryAlone: (e) => e instanceof NotSent || retriedAlone(e),
   });
   return {
     run: (sql, lockKey = "") => group.run({ sql, lockKey }),

@@ -234,10 +234,14 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     },
 
     async listRunnable(now: Date): Promise<TaskRecord[]> {
-      const rows = await deps
-        .fork()
-        .find(Task, { status: "pending", $or: [{ runAt: null }, { runAt: { $lte: now } }] }, { orderBy: [{ priority: "desc" }, { seq: "asc" }] });
-      return rows.map(toRecord);
+      return deps.fork().transactional(async (em) => {
+        // The queue's rebuild reads the whole backlog at once: however long
+        // it is, the read must not end at the statement timeout, or nothing
+        // could be dispatched until the backlog shrank.
+        if (deps.dialect === "postgresql") await em.execute("set local statement_timeout = 0");
+        const rows = await em.find(Task, { status: "pending", $or: [{ runAt: null }, { runAt: { $lte: now } }] }, { orderBy: [{ priority: "desc" }, { seq: "asc" }] });
+        return rows.map(toRecord);
+      });
     },
 
     async retryOrFail(taskId, agentId, attempt, error, now, retryAt) {
@@ -325,6 +329,24 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
 
     async releaseIdempotencyKey(taskId, key) {
       await deps.fork().nativeUpdate(Task, { taskId, idempotencyKey: key }, { idempotencyKey: null });
+    },
+
+    async deleteFinishedBefore(cutoff, limit, from) {
+      return deps.fork().transactional(async (em) => {
+        // Oldest first along the listing index; a task may finish long after
+        // it was created, so both times must be past the cutoff. Locking the
+        // rows (PostgreSQL) keeps an operator's retry of a failed task from
+        // reviving one being deleted, and lets instances prune side by side.
+        const rows: Array<{ task_id: string; created_at: Date | number | string }> = await em.execute(
+          `select task_id, created_at from ${tasksTable(em)} where created_at >= ? and created_at < ? and completed_at < ? and status in ('completed', 'failed', 'cancelled') order by created_at limit ?${deps.dialect === "postgresql" ? " for update skip locked" : ""}`,
+          [from ?? new Date(0), cutoff, cutoff, limit],
+        );
+        if (rows.length === 0) return { deleted: 0, last: undefined };
+        const taskIds = rows.map((r) => r.task_id);
+        await em.nativeDelete(AuditLog, { taskId: { $in: taskIds } });
+        const deleted = await em.nativeDelete(Task, { taskId: { $in: taskIds } });
+        return { deleted, last: new Date(rows[rows.length - 1]!.created_at) };
+      });
     },
 
     async listAssigned(): Promise<TaskRecord[]> {

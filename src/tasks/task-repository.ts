@@ -102,6 +102,14 @@ export interface TaskRepository {
   findByIdempotencyKey(key: string): Promise<TaskRecord | null>;
   /** Frees a key whose retention window has passed, so it can be used again. */
   releaseIdempotencyKey(taskId: string, key: string): Promise<void>;
+  /**
+   * Deletes up to `limit` tasks created and finished (completed, failed or
+   * cancelled) before `cutoff`, oldest created first, from those created at
+   * or after `from`, with their audit rows. Returns how many, and the
+   * creation time of the last, where the next call may resume. Rows another
+   * writer holds are left for a later call.
+   */
+  deleteFinishedBefore(cutoff: Date, limit: number, from?: Date): Promise<{ deleted: number; last: Date | undefined }>;
   /** Every pending task ready to run at `now` (no backoff left), in queue order: priority desc, seq asc. */
   listRunnable(now: Date): Promise<TaskRecord[]>;
   /** Every assigned task, for start-up recovery. */

@@ -8,6 +8,7 @@ import { NodeSqliteDialect, SqliteDriver } from "@mikro-orm/sql";
 import pg from "pg";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { ENTITIES } from "../../src/persistence/entities/index.js";
+import { isDatabaseBusy } from "../../src/errors/errors.js";
 import { createPersistence, type Persistence, type PersistenceOptions } from "../../src/persistence/orm.js";
 import type { AuditEntry, NewTask } from "../../src/tasks/task-repository.js";
 import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskType } from "../../src/tasks/task-types.js";
@@ -531,6 +532,105 @@ for (const backend of backends) {
       await db.tasks.assign(handedOut.taskId, "agent-1", later(1), null, later(1 + 30_000));
       await db.tasks.deleteUnqueued(handedOut.taskId);
       expect(await db.tasks.get(handedOut.taskId)).not.toBeNull();
+    });
+
+    it("deleteFinishedBefore deletes tasks finished before the cutoff with their audit rows, oldest first, and nothing else", async () => {
+      const db = await freshDb();
+      const at = (ms: number) => ({ createdAt: later(ms) });
+      const lease = later(60_000);
+      const doneOld = await insert(db, at(0));
+      await db.tasks.assign(doneOld.taskId, "agent-1", later(1), null, lease);
+      await db.tasks.complete(doneOld.taskId, "agent-1", 1, { ok: true }, later(2));
+      const failedOld = await insert(db, at(3));
+      await db.tasks.assign(failedOld.taskId, "agent-1", later(4), null, lease);
+      await db.tasks.fail(failedOld.taskId, "agent-1", 1, "boom", later(5));
+      const cancelledOld = await insert(db, at(6));
+      await db.tasks.cancel(cancelledOld.taskId, later(7), null);
+      // Kept: finished after the cutoff, not finished, or revived by a retry.
+      const finishedLate = await insert(db, at(8));
+      await db.tasks.assign(finishedLate.taskId, "agent-1", later(9), null, lease);
+      await db.tasks.complete(finishedLate.taskId, "agent-1", 1, {}, later(20_000));
+      const pendingOld = await insert(db, at(1));
+      const heldOld = await insert(db, at(2));
+      await db.tasks.assign(heldOld.taskId, "agent-1", later(3), null, lease);
+      const retried = await insert(db, at(4));
+      await db.tasks.assign(retried.taskId, "agent-1", later(5), null, lease);
+      await db.tasks.fail(retried.taskId, "agent-1", 1, "boom", later(6));
+      await db.tasks.retry(retried.taskId, later(7), null);
+      const doneNew = await insert(db, at(11_000));
+      await db.tasks.assign(doneNew.taskId, "agent-1", later(11_001), null, lease);
+      await db.tasks.complete(doneNew.taskId, "agent-1", 1, {}, later(11_002));
+      const kept = [finishedLate, pendingOld, heldOld, retried, doneNew];
+      const trails = new Map<string, unknown>();
+      for (const t of kept) trails.set(t.taskId, await db.tasks.auditTrail(t.taskId));
+
+      const cutoff = later(10_000);
+      // From a given creation time on: nothing older is touched.
+      expect(await db.tasks.deleteFinishedBefore(cutoff, 2, later(5))).toEqual({ deleted: 1, last: later(6) });
+      expect(await db.tasks.get(cancelledOld.taskId)).toBeNull();
+      expect(await db.tasks.get(doneOld.taskId)).not.toBeNull();
+      // Oldest created first, a bounded number at a time, saying where to resume.
+      expect(await db.tasks.deleteFinishedBefore(cutoff, 1)).toEqual({ deleted: 1, last: later(0) });
+      expect(await db.tasks.get(doneOld.taskId)).toBeNull();
+      expect(await db.tasks.get(failedOld.taskId)).not.toBeNull();
+      expect(await db.tasks.deleteFinishedBefore(cutoff, 1, later(0))).toEqual({ deleted: 1, last: later(3) });
+      expect(await db.tasks.deleteFinishedBefore(cutoff, 2)).toEqual({ deleted: 0, last: undefined });
+      for (const t of [doneOld, failedOld, cancelledOld]) {
+        expect(await db.tasks.get(t.taskId)).toBeNull();
+        expect(await db.tasks.auditTrail(t.taskId)).toEqual([]);
+      }
+      for (const t of kept) {
+        expect(await db.tasks.get(t.taskId)).not.toBeNull();
+        expect(await db.tasks.auditTrail(t.taskId)).toEqual(trails.get(t.taskId));
+      }
+      expect(await db.tasks.countByStatus()).toMatchObject({ pending: 2, assigned: 1, completed: 2, failed: 0, cancelled: 0 });
+    });
+
+    it.skipIf(backend.name !== "postgresql")("deleteFinishedBefore skips a finished task another session holds, and takes it once released", async () => {
+      const options = await backend.fresh();
+      const db = await openDb(options);
+      const [held, free] = [await insert(db, { createdAt: later(0) }), await insert(db, { createdAt: later(1) })];
+      for (const t of [held, free]) await db.tasks.cancel(t.taskId, later(2), null);
+      const client = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+      await client.connect();
+      try {
+        await client.query("begin");
+        await client.query(`select 1 from "${options.schema}".tasks where task_id = $1 for update`, [held.taskId]);
+        expect(await db.tasks.deleteFinishedBefore(later(10), 10)).toMatchObject({ deleted: 1 });
+        expect(await db.tasks.get(free.taskId)).toBeNull();
+        expect(await db.tasks.get(held.taskId)).not.toBeNull();
+        await client.query("rollback");
+        expect(await db.tasks.deleteFinishedBefore(later(10), 10)).toMatchObject({ deleted: 1 });
+        expect(await db.tasks.get(held.taskId)).toBeNull();
+      } finally {
+        await client.end();
+      }
+    });
+
+    it.skipIf(backend.name !== "postgresql")("with a statement timeout, a statement stuck longer fails as busy and the next one works; migrations run without it", async () => {
+      // 1 ms would cancel almost any migration statement, were they run under it.
+      const fresh = await backend.fresh();
+      await openDb({ ...fresh, statementTimeoutMs: 1 });
+      const options = { ...(await backend.fresh()), statementTimeoutMs: 300, lockTimeoutMs: 0 };
+      const db = await openDb(options);
+      const task = await insert(db);
+      const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+      await blocker.connect();
+      try {
+        await blocker.query("begin");
+        await blocker.query(`lock table "${options.schema}".tasks in access exclusive mode`);
+        for (const stuck of [() => db.tasks.countByStatus(), () => insert(db), () => db.tasks.cancel(task.taskId, later(1), null)]) {
+          const started = Date.now();
+          const error = await stuck().then(() => undefined, (e: unknown) => e);
+          expect(isDatabaseBusy(error)).toBe(true);
+          expect(Date.now() - started).toBeGreaterThanOrEqual(250);
+        }
+        await blocker.query("rollback");
+        expect(await db.tasks.countByStatus()).toMatchObject({ pending: 1 });
+        expect(await db.tasks.cancel(task.taskId, later(2), null)).toMatchObject({ status: "cancelled" });
+      } finally {
+        await blocker.end();
+      }
     });
 
     it("keeps agents: upsert, status, heartbeat, and disconnect-all at start-up", async () => {

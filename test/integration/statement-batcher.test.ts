@@ -324,6 +324,32 @@ describe.skipIf(!postgresAvailable)("statement batcher on PostgreSQL", () => {
     });
   }
 
+  it("rejects every caller of a batch whose statement ran past statement_timeout, once, without running the others again", async () => {
+    const counter = await counterTable();
+    const timed = new pg.Pool({ connectionString: TEST_POSTGRES_URL, statement_timeout: 300 });
+    try {
+      const db = watched(timed);
+      const b = batcher(db, { convertError: (e) => new Error(`converted: ${e.message}`, { cause: e }) });
+      const started = Date.now();
+      const outcomes = await Promise.allSettled([b.run(increment(counter)), b.run("select pg_sleep(2)"), b.run(increment(counter)), b.run(increment(counter))]);
+      // One query, and one timeout: not one more per statement, run alone.
+      expect(db.queries).toHaveLength(1);
+      expect(statementsIn(db.queries[0]!)).toBe(4);
+      expect(Date.now() - started).toBeLessThan(1500);
+      for (const o of outcomes) {
+        expect(o.status).toBe("rejected");
+        const reason = (o as PromiseRejectedResult).reason as Error;
+        expect(reason.message).toMatch(/^converted: canceling statement due to statement timeout/);
+        expect(reason.cause).toMatchObject({ code: "57014" });
+      }
+      // Rolled back as a whole.
+      expect(await counterValue(counter)).toBe(0);
+      await b.drain();
+    } finally {
+      await timed.end();
+    }
+  });
+
   it("rejects every caller, without retrying, when the server ends the connection in the middle of a batch", async () => {
     const items = await itemsTable();
     const db = watched(pool);

@@ -111,7 +111,7 @@ export async function startServer(backend: BackendName, options: StartOptions = 
         redis.disconnect();
       }
     });
-    persistence = await createPersistence({ url: TEST_POSTGRES_URL, schema, lockTimeoutMs: config.dbLockTimeoutMs, log });
+    persistence = await createPersistence({ url: TEST_POSTGRES_URL, schema, lockTimeoutMs: config.dbLockTimeoutMs, statementTimeoutMs: config.dbStatementTimeoutMs, log });
     queue = createRedisQueue({ url: redisUrl, prefix, log });
     events = createRedisTaskEvents({ url: redisUrl, prefix, log });
   }

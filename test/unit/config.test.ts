@@ -13,6 +13,8 @@ describe("loadConfig", () => {
       heartbeatIntervalMs: 10_000,
       heartbeatTimeoutMs: 30_000,
       dbLockTimeoutMs: 10_000,
+      dbStatementTimeoutMs: 30_000,
+      taskRetentionMs: undefined,
     });
     expect(Object.isFrozen(c)).toBe(true);
   });
@@ -28,8 +30,9 @@ describe("loadConfig", () => {
       HEARTBEAT_TIMEOUT_MS: "",
       MAX_MESSAGE_BYTES: "65536",
       DB_LOCK_TIMEOUT_MS: "0",
+      TASK_RETENTION_MS: "604800000",
     });
-    expect(c).toMatchObject({ port: 9001, host: "127.0.0.1", redisUrl: "redis://cache:6379/2", logLevel: "debug", heartbeatIntervalMs: 500, heartbeatTimeoutMs: 30_000, maxMessageBytes: 65536, dbLockTimeoutMs: 0 });
+    expect(c).toMatchObject({ taskRetentionMs: 604_800_000, port: 9001, host: "127.0.0.1", redisUrl: "redis://cache:6379/2", logLevel: "debug", heartbeatIntervalMs: 500, heartbeatTimeoutMs: 30_000, maxMessageBytes: 65536, dbLockTimeoutMs: 0 });
   });
 
   it("accepts the seed's sqlite:/// spelling", () => {
@@ -47,6 +50,13 @@ describe("loadConfig", () => {
     [{ REDIS_PREFIX: "a{b}" }, "REDIS_PREFIX"],
     [{ DB_LOCK_TIMEOUT_MS: "-1" }, "DB_LOCK_TIMEOUT_MS"],
     [{ DB_LOCK_TIMEOUT_MS: "3000000000" }, "DB_LOCK_TIMEOUT_MS"],
+    [{ DB_STATEMENT_TIMEOUT_MS: "soon" }, "DB_STATEMENT_TIMEOUT_MS"],
+    // A lock wait would otherwise end as a statement timeout, failing its whole batch.
+    [{ DB_LOCK_TIMEOUT_MS: "30000", DB_STATEMENT_TIMEOUT_MS: "30000" }, "DB_LOCK_TIMEOUT_MS"],
+    [{ TASK_RETENTION_MS: "9000000000000000" }, "TASK_RETENTION_MS"],
+    [{ TASK_RETENTION_MS: "0" }, "TASK_RETENTION_MS"],
+    // A task deleted while its idempotency key still holds would let a repeat create it again.
+    [{ TASK_RETENTION_MS: "3600000" }, "TASK_RETENTION_MS"],
   ])("refuses %j naming %s", (env, name) => {
     expect(() => loadConfig(env)).toThrow(ConfigError);
     expect(() => loadConfig(env)).toThrow(new RegExp(`${name}:`));
