@@ -137,6 +137,34 @@ describe("backend faults on postgres+redis", () => {
     await summarize(s);
   });
 
+  it.skipIf(!privateRedisOk)("SIGTERM while Redis refuses writes: a handed-back task is left due, and another instance runs it once Redis takes writes", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("SIGTERM while Redis refuses writes");
+    const leaving = await s.startServer({ SHUTDOWN_GRACE_MS: "500" }, "leaving");
+    const staying = await s.startServer({}, "staying");
+    const holder = await s.agent(leaving);
+    const id = await s.createTask(leaving, { description: "held when its instance stops" });
+    await holder.waitForFrame("task_assignment");
+
+    const admin = new Redis(redis.url);
+    s.onCleanup(() => admin.disconnect());
+    await admin.config("SET", "maxmemory", "1");
+    // The holder never answers: at the end of the grace period the task is
+    // handed back, and the queue refuses it.
+    expect(await leaving.terminate()).toEqual({ code: 0, signal: null });
+    expect(await taskRow(s, id)).toMatchObject({ status: "pending", attempt: 1, failed_attempts: 0 });
+    const worker = await s.agent(staying, { autoComplete: () => ({ by: "staying" }) });
+    // Nothing can queue it while Redis refuses writes.
+    await new Promise((r) => setTimeout(r, 500));
+    expect(worker.assignments).toEqual([]);
+
+    await admin.config("SET", "maxmemory", "0");
+    await worker.waitForFrame("completion_ack", 1, 15_000);
+    expect(worker.assignments.map((a) => [a.taskId, a.attempt])).toEqual([[id, 2]]);
+    expect(await taskRow(s, id)).toMatchObject({ status: "completed", failed_attempts: 0 });
+    await checkBooks(s, { servers: [staying], result: { [id]: { by: "staying" } } });
+    await summarize(s);
+  });
+
   it.skipIf(!privateRedisOk)("Redis restart: creates 503 with nothing written, reads work, /health says so, then it recovers by itself", { timeout: 60_000 }, async () => {
     const { s, redis } = await withPrivateRedis("Redis restart");
     const server = await s.startServer();
