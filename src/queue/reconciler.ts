@@ -34,7 +34,7 @@ export class Reconciler {
   private readonly unsubscribe: () => void;
 
   constructor(private readonly o: ReconcilerOptions) {
-    this.unsubscribe = o.queue.onReset(() => void this.run("queue reset").catch(() => undefined));
+    this.unsubscribe = o.queue.onReset(() => this.rebuild("queue reset"));
   }
 
   /** Starts the periodic check. */
@@ -44,12 +44,24 @@ export class Reconciler {
   }
 
   private async check(): Promise<void> {
+    let intact: boolean;
     try {
-      if (!(await this.o.queue.intact())) await this.run("queue lost its data");
+      intact = await this.o.queue.intact();
     } catch (e: unknown) {
       // Unreachable right now; the reconnect will signal a reset.
       this.o.log.debug({ err: e }, "queue check failed");
+      return;
     }
+    if (!intact) this.rebuild("queue lost its data");
+  }
+
+  /**
+   * A rebuild that fails partway (Redis refusing writes after the first
+   * chunk) has already put the queue's marker back, so neither the check
+   * nor a reconnect would ever run it again: keep retrying until one succeeds.
+   */
+  private rebuild(reason: string): void {
+    this.run(reason).catch(() => this.repairSoon(`${reason}; the last rebuild failed`));
   }
 
   /** Rebuilds the queue from the database. Concurrent calls share one pass, plus one more if asked meanwhile. */
