@@ -85,7 +85,8 @@ export class Sweeper {
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
-    this.pruning ??= this.step("delete finished tasks past their retention", () => this.prune(now)).finally(() => (this.pruning = undefined));
+    // Not once closed: close() has already answered that no delete runs.
+    if (!this.stopped) this.pruning ??= this.step("delete finished tasks past their retention", () => this.prune(now)).finally(() => (this.pruning = undefined));
   }
 
   private async step(what: string, work: () => Promise<void>): Promise<void> {
@@ -140,7 +141,7 @@ export class Sweeper {
     const cutoff = new Date(now.getTime() - retentionMs);
     let deleted = 0;
     let full = true;
-    for (let round = 0; round < PRUNE_ROUNDS && full; round++) {
+    for (let round = 0; round < PRUNE_ROUNDS && full && !this.stopped; round++) {
       // Resuming where the last statement stopped: old tasks that are not
       // due (a backlog nobody takes, a task that finished late) are looked
       // at once per round, not once per statement.

@@ -330,12 +330,10 @@ describe.skipIf(!postgresAvailable)("statement batcher on PostgreSQL", () => {
     try {
       const db = watched(timed);
       const b = batcher(db, { convertError: (e) => new Error(`converted: ${e.message}`, { cause: e }) });
-      const started = Date.now();
       const outcomes = await Promise.allSettled([b.run(increment(counter)), b.run("select pg_sleep(2)"), b.run(increment(counter)), b.run(increment(counter))]);
       // One query, and one timeout: not one more per statement, run alone.
       expect(db.queries).toHaveLength(1);
       expect(statementsIn(db.queries[0]!)).toBe(4);
-      expect(Date.now() - started).toBeLessThan(1500);
       for (const o of outcomes) {
         expect(o.status).toBe("rejected");
         const reason = (o as PromiseRejectedResult).reason as Error;
