@@ -608,9 +608,23 @@ for (const backend of backends) {
     });
 
     it.skipIf(backend.name !== "postgresql")("with a statement timeout, a statement stuck longer fails as busy and the next one works; migrations run without it", async () => {
-      // 1 ms would cancel almost any migration statement, were they run under it.
+      // A migration statement held up for longer than the timeout still
+      // completes: another session is creating the table it creates.
       const fresh = await backend.fresh();
-      await openDb({ ...fresh, statementTimeoutMs: 1 });
+      const creator = new pg.Client({ connectionString: TEST_POSTGRES_URL });
+      await creator.connect();
+      try {
+        await creator.query(`create schema "${fresh.schema}"`);
+        await creator.query("begin");
+        await creator.query(`create table "${fresh.schema}".tasks (id int)`);
+        const opening = openDb({ ...fresh, statementTimeoutMs: 100 });
+        opening.catch(() => undefined); // awaited below
+        await new Promise((r) => setTimeout(r, 500));
+        await creator.query("rollback");
+        await opening;
+      } finally {
+        await creator.end();
+      }
       const options = { ...(await backend.fresh()), statementTimeoutMs: 300, lockTimeoutMs: 0 };
       const db = await openDb(options);
       const task = await insert(db);
