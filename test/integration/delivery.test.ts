@@ -12,6 +12,7 @@ import { uuidv7 } from "../../src/ids.js";
 import { TEST_POSTGRES_URL, TEST_REDIS_URL } from "../support/services.js";
 import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
 import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
+import { TcpProxy } from "../support/tcp-proxy.js";
 
 const FAST = { RETRY_BASE_MS: "50", RETRY_MAX_MS: "200", SWEEP_INTERVAL_MS: "50" };
 
@@ -312,6 +313,53 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     expect(draining.assignments.length).toBe(seen);
     // Another instance on the same database and Redis runs it.
     await expectRunAfterHandBack(await start(name, { shareWith: s }), body.task_id, draining);
+  });
+
+  it.skipIf(!available || name === "embedded")("a task claimed for an agent that left before the claim's reply arrived goes back to the queue in its place", async () => {
+    const redisTarget = new URL(TEST_REDIS_URL);
+    const proxy = await TcpProxy.start({ host: redisTarget.hostname, port: Number(redisTarget.port || 6379) });
+    let opened: TestServer | undefined;
+    try {
+      const viaProxy = new URL(TEST_REDIS_URL);
+      viaProxy.hostname = "127.0.0.1";
+      viaProxy.port = String(proxy.port);
+      const s = (opened = await start(name, { redisUrl: viaProxy.toString() }));
+      const leaving = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1 }));
+      const ids: string[] = [];
+      for (let i = 0; i < 4; i++) ids.push((await post(s, "/tasks", { task_type: "code", description: `in line ${i}` })).body.task_id);
+      await leaving.waitForFrame("task_assignment");
+      const [running, ...queued] = ids;
+      expect(leaving.assignments.map((a) => a.taskId)).toEqual([running]);
+      const redis = new Redis(TEST_REDIS_URL);
+      const queueKey = `{${s.data.prefix}}:q:code`;
+      try {
+        await eventually(async () => (await redis.zcard(queueKey)) === 3, 5000, "three queued");
+        // The freed slot's claim runs in Redis, but its reply is held...
+        proxy.holdReplies();
+        leaving.complete(running!, {});
+        await eventually(async () => (await redis.zcard(queueKey)) === 2, 1000, "the claim ran");
+        // ...until the agent has gone.
+        leaving.kill();
+        await eventually(async () => s.app.dispatcher.list().length === 0, 1000, "the session closed");
+        proxy.releaseReplies();
+        await eventually(async () => (await redis.zcard(queueKey)) === 3, 5000, "the claimed task put back");
+      } finally {
+        proxy.releaseReplies();
+        redis.disconnect();
+      }
+      const next = track(await GrpcAgent.connect(s.port, { capabilities: ["code"], maxConcurrency: 1, autoComplete: () => ({}) }));
+      await next.waitForFrame("completion_ack", 3);
+      // In its place, never leased, no attempt lost.
+      expect(next.assignments.map((a) => [a.taskId, a.attempt])).toEqual(queued.map((id) => [id, 1]));
+      for (const id of queued) expect(await getTask(s, id)).toMatchObject({ status: "completed", failed_attempts: 0 });
+    } finally {
+      // Before the proxy goes, so the server can still remove its Redis keys.
+      if (opened) {
+        servers.splice(servers.indexOf(opened), 1);
+        await opened.close();
+      }
+      await proxy.close();
+    }
   });
 
   it.skipIf(!available)("an idempotency key returns the original task for a repeat and refuses a different request", async () => {

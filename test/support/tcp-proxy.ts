@@ -7,11 +7,17 @@ import net from "node:net";
  *
  * `cut()` destroys every proxied connection and refuses new ones (each is
  * accepted and reset at once, as a crashed or restarting database looks to a
- * client); `restore()` forwards again. Listens on 127.0.0.1 on a free port.
+ * client); `restore()` forwards again. `holdReplies()` lets requests through
+ * but keeps the backend's answers until `releaseReplies()`: a command that
+ * has run but whose reply is still on its way. Listens on 127.0.0.1 on a
+ * free port.
  */
 export class TcpProxy {
   private readonly sockets = new Set<net.Socket>();
+  /** Each live connection's backend side, and the client side its replies go to. */
+  private readonly replies = new Map<net.Socket, net.Socket>();
   private isCut = false;
+  private holding = false;
   /** Connections refused while cut, for assertions and reports. */
   refused = 0;
 
@@ -53,11 +59,28 @@ export class TcpProxy {
       upstream.destroy();
       this.sockets.delete(client);
       this.sockets.delete(upstream);
+      this.replies.delete(upstream);
     };
     client.on("error", drop).on("close", drop);
     upstream.on("error", drop).on("close", drop);
+    this.replies.set(upstream, client);
     client.pipe(upstream);
-    upstream.pipe(client);
+    if (!this.holding) upstream.pipe(client);
+  }
+
+  /** From now on, replies wait in the proxy (requests still go through). */
+  holdReplies(): void {
+    this.holding = true;
+    for (const [upstream, client] of this.replies) {
+      upstream.unpipe(client);
+      upstream.pause();
+    }
+  }
+
+  /** Delivers the held replies and forwards again. */
+  releaseReplies(): void {
+    this.holding = false;
+    for (const [upstream, client] of this.replies) upstream.pipe(client);
   }
 
   /** Destroys every proxied connection and refuses new ones until {@link restore}. */
