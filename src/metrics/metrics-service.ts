@@ -80,9 +80,11 @@ export function createMetricsService(o: {
     },
 
     async health(): Promise<HealthReport> {
-      // Reachable is not enough: a queue that lost its data refuses new tasks
-      // until the rebuild, and saying "ok" then would send creates into 503s.
+      // Reachable is not enough: a queue that refuses writes, or lost its
+      // data and refuses new tasks until the rebuild, would send creates
+      // into 503s while this said "ok".
       const queueUsable = async () => {
+        await o.queue.ping();
         if (!(await o.queue.intact())) throw new Error("lost its data; being rebuilt from the database");
       };
       const [database, queue] = await Promise.all([probe(o.pingDatabase), probe(queueUsable)]);

@@ -60,7 +60,7 @@ export interface PriorityQueue {
    * index from the database.
    */
   reconcile(entries: readonly QueueEntry[], minSeq: number): Promise<void>;
-  /** Throws when the backend cannot be reached. */
+  /** Throws when the backend cannot be reached or refuses writes. */
   ping(): Promise<void>;
   /**
    * False when the backend has lost its data since the last reconcile (e.g.

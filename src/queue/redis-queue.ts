@@ -391,7 +391,9 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
     },
 
     async ping() {
-      await client.ping();
+      // A write, not PING: a Redis that answers but refuses writes (maxmemory
+      // without eviction, a read-only replica) refuses every new task too.
+      await client.set(`${tag}:alive`, origin, "PX", 60_000);
     },
 
     async intact() {

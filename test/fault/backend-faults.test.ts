@@ -122,12 +122,17 @@ describe("backend faults on postgres+redis", () => {
     const refused = await postTask(server, { description: "created while Redis refuses writes" });
     expect(refused.status, JSON.stringify(refused.body)).toBe(503);
     expect((await s.backend.books.tasks()).map((t) => t.task_id)).toEqual([id]);
+    // /health says so, though Redis answers.
+    const h = await getJson<{ components: { queue: string; database: string } }>(server, "/health");
+    expect(h.status).toBe(503);
+    expect(h.body.components).toEqual({ database: "ok", queue: expect.stringMatching(/^unavailable: OOM/) });
     const retried = await fetch(`${server.url}/tasks/${id}/retry`, { method: "POST" });
     expect(retried.status).toBe(200);
     expect((await taskRow(s, id))?.status).toBe("pending");
     expect(await queueDepth(server)).toBe(0);
 
     await admin.config("SET", "maxmemory", "0");
+    expect((await getJson(server, "/health")).status).toBe(200);
     // Nothing else happens on its own: only the rebuild the refusal asked for can queue it.
     await agent.waitForFrame("task_assignment", 2, 15_000);
     expect(agent.assignments.map((a) => a.taskId)).toEqual([id, id]);
