@@ -56,16 +56,24 @@ export function createMetricsService(o: {
   clock: () => Date;
   startedAt: Date;
 }) {
+  const read = (now: Date) =>
+    Promise.all([
+      o.tasks.countByStatus(),
+      o.queue.depth(),
+      o.tasks.countCompletedSince(new Date(now.getTime() - 60_000)),
+      o.tasks.countRetryWaiting(),
+      o.agents.list(false),
+    ]);
+  // Callers that arrive while a read is under way share it. The task counts
+  // scan the whole history, so on a long one a read per caller would pile up
+  // on the database, each holding one of the connections the hot path needs.
+  let reading: ReturnType<typeof read> | undefined;
+
   return {
     async snapshot(): Promise<MetricsSnapshot> {
       const now = o.clock();
-      const [counts, queueDepth, completedLastMinute, retryWaiting, agents] = await Promise.all([
-        o.tasks.countByStatus(),
-        o.queue.depth(),
-        o.tasks.countCompletedSince(new Date(now.getTime() - 60_000)),
-        o.tasks.countRetryWaiting(),
-        o.agents.list(false),
-      ]).catch((e: unknown) => Promise.reject(toConnectError(e)));
+      reading ??= read(now).finally(() => (reading = undefined));
+      const [counts, queueDepth, completedLastMinute, retryWaiting, agents] = await reading.catch((e: unknown) => Promise.reject(toConnectError(e)));
       const busy = agents.filter((a) => a.status === "busy").length;
       const p = o.latency.percentiles();
       const total = Object.values(counts).reduce((a, b) => a + b, 0);

@@ -46,14 +46,23 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     return { s, a, ids };
   }
 
-  /** Holds one task's row lock in an open transaction on a connection of the test's own. */
-  async function lockRow(s: TestServer, taskId: string): Promise<pg.Client> {
+  /** Runs `sql` in a transaction left open, on a connection of the test's own; the caller ends it. */
+  async function holding(sql: string, params: unknown[] = []): Promise<pg.Client> {
     const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
     await blocker.connect();
-    await blocker.query("BEGIN");
-    await blocker.query(`SELECT 1 FROM "${s.data.schema}".tasks WHERE task_id = $1 FOR UPDATE`, [taskId]);
-    return blocker;
+    try {
+      await blocker.query("BEGIN");
+      await blocker.query(sql, params);
+      return blocker;
+    } catch (e: unknown) {
+      await blocker.end();
+      throw e;
+    }
   }
+  /** Holds one task's row lock. */
+  const lockRow = (s: TestServer, taskId: string) => holding(`SELECT 1 FROM "${s.data.schema}".tasks WHERE task_id = $1 FOR UPDATE`, [taskId]);
+  /** Holds a whole table: every statement that reads or writes it waits. */
+  const lockTable = (s: TestServer, table: "tasks" | "audit_logs") => holding(`LOCK TABLE "${s.data.schema}".${table} IN ACCESS EXCLUSIVE MODE`);
 
   /**
    * Runs tasks of `taskType` through `agent`, one at a time, until one is
@@ -500,11 +509,8 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     a.complete(done, {});
     await a.waitForFrame("completion_ack");
     // The delete of the finished task's audit rows, once it is due, waits on this lock.
-    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
-    await blocker.connect();
+    const blocker = await lockTable(s, "audit_logs");
     try {
-      await blocker.query("BEGIN");
-      await blocker.query(`LOCK TABLE "${s.data.schema}".audit_logs IN ACCESS EXCLUSIVE MODE`);
       await eventually(async () => (await lockWaiters(blocker)).length > 0, 5000, "the delete waiting on the audit rows");
       const leases = new Set<string>();
       await eventually(async () => {
@@ -521,14 +527,41 @@ describe.each(BACKENDS)("delivery guarantees on $name", ({ name, available }) =>
     await eventually(async () => (await fetch(`${s.baseUrl}/tasks/${done}`)).status === 404, 5000, "the finished task deleted once the lock is gone");
   });
 
+  it.skipIf(!available || name === "embedded")("metrics requests that arrive while the task counts are being read share that read", async () => {
+    // No sweep meanwhile: its reads of the table would wait on the lock too.
+    const s = await start(name, { env: { SWEEP_INTERVAL_MS: "600000" } });
+    await post(s, "/tasks", { task_type: "research", description: "counted" });
+    const blocker = await lockTable(s, "tasks");
+    const mc = grpcClient("MetricsService", s.port);
+    try {
+      const viaRest = Array.from({ length: 3 }, async () => {
+        const res = await fetch(`${s.baseUrl}/metrics`);
+        return { status: res.status, body: (await res.json()) as { tasks: { pending: number; total: number } } };
+      });
+      const viaGrpc = Array.from({ length: 3 }, () => unary(mc, "GetMetrics", {}) as Promise<{ tasks: { pending: number; total: number } }>);
+      await eventually(async () => (await lockWaiters(blocker)).length > 0, 5000, "a read waiting on the lock");
+      await new Promise((r) => setTimeout(r, 300));
+      // One read (its four statements on the table side by side: the counts
+      // by status, of retries waiting, of recent completions, of tasks per
+      // agent), not one per request.
+      expect((await lockWaiters(blocker)).length).toBe(4);
+      await blocker.query("ROLLBACK");
+      for (const r of await Promise.all(viaRest)) expect(r).toMatchObject({ status: 200, body: { tasks: { pending: 1, total: 1 } } });
+      for (const r of await Promise.all(viaGrpc)) expect(r.tasks).toMatchObject({ pending: 1, total: 1 });
+      // Once it is over, the next request reads afresh.
+      await post(s, "/tasks", { task_type: "research", description: "counted later" });
+      expect(((await (await fetch(`${s.baseUrl}/metrics`)).json()) as { tasks: unknown }).tasks).toMatchObject({ pending: 2, total: 2 });
+    } finally {
+      mc.close();
+      await blocker.end();
+    }
+  });
+
   it.skipIf(!available || name === "embedded")("a statement stuck past DB_STATEMENT_TIMEOUT_MS fails its request as unavailable, and nothing is left half-done", async () => {
     const s = await start(name, { env: { DB_STATEMENT_TIMEOUT_MS: "300", DB_LOCK_TIMEOUT_MS: "0" } });
-    const blocker = new pg.Client({ connectionString: TEST_POSTGRES_URL });
-    await blocker.connect();
+    const blocker = await lockTable(s, "tasks");
     const tc = grpcClient("TaskService", s.port);
     try {
-      await blocker.query("BEGIN");
-      await blocker.query(`LOCK TABLE "${s.data.schema}".tasks IN ACCESS EXCLUSIVE MODE`);
       const metrics = await fetch(`${s.baseUrl}/metrics`);
       expect(metrics.status).toBe(503);
       const created = await post(s, "/tasks", { task_type: "code", description: "while the table is locked" });
