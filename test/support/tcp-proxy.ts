@@ -70,6 +70,7 @@ export class TcpProxy {
 
   /** From now on, replies wait in the proxy (requests still go through). */
   holdReplies(): void {
+    if (this.holding) return;
     this.holding = true;
     for (const [upstream, client] of this.replies) {
       upstream.unpipe(client);
@@ -77,8 +78,9 @@ export class TcpProxy {
     }
   }
 
-  /** Delivers the held replies and forwards again. */
+  /** Delivers the held replies and forwards again; safe to call twice (a second pipe would send every reply twice). */
   releaseReplies(): void {
+    if (!this.holding) return;
     this.holding = false;
     for (const [upstream, client] of this.replies) upstream.pipe(client);
   }
