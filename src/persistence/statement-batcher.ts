@@ -89,22 +89,19 @@ function rowsOf(result: unknown): Rows {
 }
 
 /**
- * An error the server reported while the session lives on (it carries a
- * severity and a SQLSTATE), so the batch is known to have rolled back.
- * Socket errors such as EPIPE look like SQLSTATEs but are not. Classes 08
- * (connection) and 57 (operator intervention) mostly mean the session is
- * gone, except a query the server refused to parse (08P01, e.g. a NUL in the
- * text) and a cancelled statement (57014): both ran nothing.
+ * A statement error after which the batch's statements are each run alone:
+ * one the server reported while the session lives on (it carries a severity
+ * and a SQLSTATE), so the batch is known to have rolled back. Socket errors
+ * such as EPIPE look like SQLSTATEs but are not. Classes 08 (connection) and
+ * 57 (operator intervention) mostly mean the session is gone, except a query
+ * the server refused to parse (08P01, e.g. a NUL in the text), which ran
+ * nothing. A cancelled statement (57014) also ran nothing, but fails the
+ * whole batch (see the top of this file).
  */
-function isStatementError(e: unknown): boolean {
+function retriedAlone(e: unknown): boolean {
   const err = e as { code?: unknown; severity?: unknown } | null;
   if (typeof err?.severity !== "string" || typeof err.code !== "string" || !/^[0-9A-Z]{5}$/.test(err.code)) return false;
-  return err.code === "08P01" || err.code === "57014" || !/^(08|57)/.test(err.code);
-}
-
-/** A statement error after which the batch's statements are each run alone (see the top of this file). */
-function retriedAlone(e: unknown): boolean {
-  return isStatementError(e) && (e as { code: string }).code !== "57014";
+  return err.code === "08P01" || !/^(08|57)/.test(err.code);
 }
 
 /** A batch that failed before anything reached the database. */
