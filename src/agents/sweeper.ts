@@ -33,6 +33,8 @@ const PRUNE_BATCH = 1_000;
 const PRUNE_ROUNDS = 4;
 /** Longest wait between looks for newly expired history once none was left. */
 const PRUNE_IDLE_MAX_MS = 60_000;
+/** How often the task counts of ended database sessions are folded together. */
+const FOLD_COUNTS_INTERVAL_MS = 60_000;
 
 /**
  * The time-driven side of delivery, one pass every `intervalMs`:
@@ -43,6 +45,8 @@ const PRUNE_IDLE_MAX_MS = 60_000;
  * - takes back tasks whose lease expired, wherever they were held (an
  *   instance that died), counting a failed attempt;
  * - queues retries whose backoff has passed;
+ * - once a minute, folds the task counts kept by database sessions that
+ *   have ended, so the metrics read stays a few rows;
  * - with a retention period, deletes finished tasks (and their audit rows)
  *   older than it, a bounded number per pass, beside the steps above so
  *   that a slow delete never holds up a lease renewal;
@@ -54,6 +58,7 @@ export class Sweeper {
   private timer: NodeJS.Timeout | undefined;
   private lastRenewal = 0;
   private nextPruneAt = 0;
+  private nextFoldAt = 0;
   /** Where the current round of deletes resumes: rows before it were deleted or are not due. */
   private pruneFrom: Date | undefined;
   private pruning: Promise<void> | undefined;
@@ -85,6 +90,10 @@ export class Sweeper {
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
+    if (now.getTime() >= this.nextFoldAt) {
+      this.nextFoldAt = now.getTime() + FOLD_COUNTS_INTERVAL_MS;
+      await this.step("fold the task counts of ended database sessions", () => this.o.tasks.foldStatusCounts());
+    }
     // Not once closed: close() has already answered that no delete runs.
     if (!this.stopped) this.pruning ??= this.step("delete finished tasks past their retention", () => this.prune(now)).finally(() => (this.pruning = undefined));
   }

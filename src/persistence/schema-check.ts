@@ -4,7 +4,18 @@ import type { EntityManager } from "@mikro-orm/sql";
 export type ExpectedSchema = ReadonlyMap<string, readonly string[]>;
 
 /** One missing piece of the schema, as found by {@link findSchemaProblems}. */
-export type SchemaProblem = { table: string; column?: undefined } | { table: string; column: string };
+export type SchemaProblem =
+  | { table: string; column?: undefined; trigger?: undefined }
+  | { table: string; column: string; trigger?: undefined }
+  | { table: string; trigger: string; column?: undefined };
+
+/**
+ * Triggers the migrations create that no entity describes: without them the
+ * task counts (task_status_counts) would silently drift from the tasks.
+ */
+const REQUIRED_TRIGGERS: ReadonlyArray<{ table: string; trigger: string }> = ["tasks_count_insert", "tasks_count_update", "tasks_count_delete"].map(
+  (trigger) => ({ table: "tasks", trigger }),
+);
 
 /** Table → columns the ORM's entity metadata maps to. */
 export function expectedSchema(em: EntityManager): ExpectedSchema {
@@ -43,6 +54,14 @@ export async function findSchemaProblems(
     if (!columns) actual.set(row.table_name, (columns = new Set()));
     columns.add(row.column_name);
   }
+  const triggerRows: Array<{ table_name: string; trigger_name: string }> =
+    dialect === "sqlite"
+      ? await em.execute("select tbl_name as table_name, name as trigger_name from sqlite_master where type = 'trigger'")
+      : await em.execute(
+          "select c.relname as table_name, t.tgname as trigger_name from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace where n.nspname = coalesce(?, current_schema()) and not t.tgisinternal",
+          [schema ?? null],
+        );
+  const triggers = new Set(triggerRows.map((row) => `${row.table_name}.${row.trigger_name}`));
   const problems: SchemaProblem[] = [];
   for (const [table, columns] of expected) {
     const present = actual.get(table);
@@ -54,13 +73,20 @@ export async function findSchemaProblems(
       if (!present.has(column)) problems.push({ table, column });
     }
   }
+  for (const required of REQUIRED_TRIGGERS) {
+    if (actual.has(required.table) && !triggers.has(`${required.table}.${required.trigger}`)) problems.push(required);
+  }
   return problems;
 }
 
-/** A message that names every missing table/column and says how to recover. */
+/** A message that names every missing table, column or trigger and says how to recover. */
 export function describeSchemaProblems(problems: readonly SchemaProblem[], where: string): string {
   const items = problems.map((p) =>
-    p.column === undefined ? `table "${p.table}" is missing` : `column "${p.table}.${p.column}" is missing`,
+    p.trigger !== undefined
+      ? `trigger "${p.trigger}" on "${p.table}" is missing`
+      : p.column === undefined
+        ? `table "${p.table}" is missing`
+        : `column "${p.table}.${p.column}" is missing`,
   );
   return (
     `Database schema check failed for ${where}: ${items.join("; ")}. ` +

@@ -10,8 +10,9 @@ import {
   type TaskStatus,
 } from "../tasks/task-types.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
+import { TaskStatusCount } from "./entities/task-status-count.entity.js";
 import { Task } from "./entities/task.entity.js";
-import { insertTask, tasksTable, updateTask, type AuditSpec, type TaskProperty, type TaskValues, type TaskWriter } from "./task-sql.js";
+import { foldStatusCountsSql, insertTask, tasksTable, updateTask, type AuditSpec, type TaskProperty, type TaskValues, type TaskWriter } from "./task-sql.js";
 
 /** What the repositories need from the ORM: a fresh EntityManager per call. */
 export interface RepositoryDeps {
@@ -360,10 +361,11 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     },
 
     async countByStatus(): Promise<Record<TaskStatus, number>> {
+      // Kept by triggers on tasks (see the StatusCounts migrations): a few rows, whatever the history.
       const rows: Array<{ status: string; n: number | string }> = await deps
         .fork()
-        .createQueryBuilder(Task)
-        .select(["status", raw("count(*) as n")])
+        .createQueryBuilder(TaskStatusCount)
+        .select(["status", raw("sum(n) as n")])
         .groupBy("status")
         .execute("all", false);
       const counts = Object.fromEntries(TASK_STATUSES.map((s) => [s, 0])) as Record<TaskStatus, number>;
@@ -371,6 +373,12 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
         if (isTaskStatus(row.status)) counts[row.status] = Number(row.n);
       }
       return counts;
+    },
+
+    async foldStatusCounts(): Promise<void> {
+      if (deps.dialect !== "postgresql") return;
+      const em = deps.fork();
+      await em.execute(foldStatusCountsSql(em));
     },
 
     async countAssignedByAgent(): Promise<Map<string, number>> {

@@ -3,6 +3,7 @@ import type { EntityManager } from "@mikro-orm/sql";
 import { isTaskStatus, isTaskType, type JsonObject, type TaskRecord, type TaskStatus } from "../tasks/task-types.js";
 import { uuidv7 } from "../ids.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
+import { TaskStatusCount } from "./entities/task-status-count.entity.js";
 import { Task } from "./entities/task.entity.js";
 import type { SetTemplate } from "./statement-batcher.js";
 
@@ -168,6 +169,7 @@ export interface AuditSpec {
 
 interface Tables {
   tasks: string;
+  statusCounts: string;
   quote(column: string): string;
   auditLogs: string;
   insertAuditSql: string;
@@ -193,6 +195,7 @@ function tables(em: EntityManager): Tables {
     const auditLogs = qualify(metadata.find(AuditLog)!);
     found = {
       tasks: qualify(metadata.find(Task)!),
+      statusCounts: qualify(metadata.find(TaskStatusCount)!),
       quote,
       auditLogs,
       insertAuditSql: `insert into ${auditLogs} (${AUDIT_COLUMNS.map((c) => quote(c)).join(", ")}) values (${AUDIT_COLUMNS.map(() => "?").join(", ")})`,
@@ -218,6 +221,23 @@ function tablesOf(db: TaskWriter): Tables {
 /** The quoted, schema-qualified `tasks` table, for hand-written statements elsewhere. */
 export function tasksTable(em: EntityManager): string {
   return tables(em).tasks;
+}
+
+/**
+ * Folds the count rows of PostgreSQL sessions that have ended into slot 0
+ * (see the TaskStatusCount entity), so the rows read for the counts stay few
+ * however many connections came and went. The totals never change: a
+ * session that reuses an ended one's pid while this runs either wrote first
+ * (its change is folded with the rest) or waits and writes a fresh row. Rows
+ * are locked in key order, so instances folding at once never deadlock;
+ * writers never touch slot 0.
+ */
+export function foldStatusCountsSql(em: EntityManager): string {
+  const t = tables(em).statusCounts;
+  return `with doomed as (select slot, status from ${t} where slot <> 0 and slot not in (select pid from pg_stat_activity where pid is not null) order by slot, status for update),
+gone as (delete from ${t} c using doomed where c.slot = doomed.slot and c.status = doomed.status returning c.status, c.n)
+insert into ${t} as c (slot, status, n) select 0, status, sum(n) from gone group by status order by status
+on conflict (slot, status) do update set n = c.n + excluded.n`;
 }
 
 /** `value` as SQL: a raw() fragment stays an expression (with its own params), anything else becomes a `?`. */

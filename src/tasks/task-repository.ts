@@ -116,7 +116,10 @@ export interface TaskRepository {
   listAssigned(): Promise<TaskRecord[]>;
   /** Highest seq ever handed out, 0 if none. */
   maxSeq(): Promise<number>;
+  /** Tasks in each status, from the counts the database keeps (not a scan of the history). */
   countByStatus(): Promise<Record<TaskStatus, number>>;
+  /** Folds the counts kept by database sessions that have ended into one row per status; the totals stay the same. */
+  foldStatusCounts(): Promise<void>;
   countCompletedSince(since: Date): Promise<number>;
   /** ASSIGNED tasks per holding agent. */
   countAssignedByAgent(): Promise<Map<string, number>>;

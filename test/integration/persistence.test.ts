@@ -9,9 +9,9 @@ import pg from "pg";
 import { afterAll, describe, expect, it, vi } from "vitest";
 import { ENTITIES } from "../../src/persistence/entities/index.js";
 import { isDatabaseBusy } from "../../src/errors/errors.js";
-import { createPersistence, type Persistence, type PersistenceOptions } from "../../src/persistence/orm.js";
+import { createPersistence, ORM_SCHEMA_GENERATOR, type Persistence, type PersistenceOptions } from "../../src/persistence/orm.js";
 import type { AuditEntry, NewTask } from "../../src/tasks/task-repository.js";
-import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskType } from "../../src/tasks/task-types.js";
+import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskStatus, type TaskType } from "../../src/tasks/task-types.js";
 import { postgresAvailable, TEST_POSTGRES_URL, uniqueName } from "../support/services.js";
 
 /** A place to open databases in: every `fresh()` is a new, empty database cleaned up after the suite. */
@@ -59,6 +59,7 @@ function sqliteBackend(): Backend {
         dbName: file,
         driverOptions: new NodeSqliteDialect(file),
         entities: ENTITIES,
+        schemaGenerator: ORM_SCHEMA_GENERATOR,
       });
       try {
         const diff = (await orm.schema.getUpdateSchemaSQL({ wrap: false })).trim();
@@ -119,6 +120,7 @@ function postgresBackend(): Backend {
         driver: PostgreSqlDriver,
         clientUrl: TEST_POSTGRES_URL,
         entities: ENTITIES,
+        schemaGenerator: ORM_SCHEMA_GENERATOR,
         ...(options.schema ? { schema: options.schema } : {}),
       });
       try {
@@ -204,7 +206,7 @@ for (const backend of backends) {
       expect(infos).toEqual(["database migrated"]);
       expect(await second.tasks.get(task.taskId)).toEqual(task);
       const rows = (await backend.exec(options, "select name from mikro_orm_migrations order by id")) as Array<{ name: string }>;
-      expect(rows.map((r) => r.name)).toEqual(["Migration20260101000000Initial", "Migration20261124000000Leases", "Migration20261125000000PartialIndexes", "Migration20261126000000HolderIndex"]);
+      expect(rows.map((r) => r.name)).toEqual(["Migration20260101000000Initial", "Migration20261124000000Leases", "Migration20261125000000PartialIndexes", "Migration20261126000000HolderIndex", "Migration20261127000000StatusCounts"]);
       await expect(second.ping()).resolves.toBeUndefined();
       // The hand-frozen migration and the entities describe the same schema.
       expect(await backend.schemaDiff(options)).toBe("");
@@ -215,9 +217,12 @@ for (const backend of backends) {
       await (await createPersistence(options)).close();
       await backend.exec(options, "drop table audit_logs");
       await backend.exec(options, "alter table tasks drop column error");
+      await backend.exec(options, `drop trigger tasks_count_update${backend.name === "postgresql" ? " on tasks" : ""}`);
       const failure = createPersistence(options);
       await expect(failure).rejects.toThrow(/table "audit_logs" is missing/);
       await expect(failure).rejects.toThrow(/column "tasks\.error" is missing/);
+      // Without it the counts by status would drift from the tasks unnoticed.
+      await expect(failure).rejects.toThrow(/trigger "tasks_count_update" on "tasks" is missing/);
       await expect(failure).rejects.toThrow(/Restore the missing objects/);
     });
 
@@ -521,6 +526,108 @@ for (const backend of backends) {
       expect(await db.tasks.maxSeq()).toBe(big.seq);
     });
 
+    /** Tasks per status, counted over the table itself. */
+    async function countedByHand(options: PersistenceOptions): Promise<Record<TaskStatus, number>> {
+      const rows = (await backend.exec(options, "select status, count(*) as n from tasks group by status")) as Array<{ status: TaskStatus; n: number | string }>;
+      const counts: Record<TaskStatus, number> = { pending: 0, assigned: 0, completed: 0, failed: 0, cancelled: 0 };
+      for (const row of rows) counts[row.status] = Number(row.n);
+      return counts;
+    }
+
+    it("keeps the counts by status equal to the tasks through every kind of write, by hand included", async () => {
+      const options = await backend.fresh();
+      const db = await openDb(options);
+      const lease = later(30_000);
+      const [a, b, c, d, e] = [await insert(db), await insert(db), await insert(db), await insert(db), await insert(db)];
+      const handed = newTask();
+      await db.tasks.insertAssigned(handed, created(handed), { agentId: "agent-1", now: handed.createdAt, correlationId: null, leaseExpiresAt: lease });
+      await db.tasks.assign(a.taskId, "agent-1", later(1), null, lease);
+      await db.tasks.complete(a.taskId, "agent-1", 1, { ok: true }, later(2));
+      await db.tasks.assign(b.taskId, "agent-1", later(1), null, lease);
+      await db.tasks.fail(b.taskId, "agent-1", 1, "boom", later(2));
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 3, assigned: 1, completed: 1, failed: 1, cancelled: 0 });
+      await db.tasks.retry(b.taskId, later(3), null);
+      await db.tasks.assign(c.taskId, "agent-1", later(1), null, lease);
+      await db.tasks.retryOrFail(c.taskId, "agent-1", 1, "try again", later(2), later(5_000));
+      await db.tasks.assign(d.taskId, "agent-1", later(1), null, lease);
+      await db.tasks.release(d.taskId, "agent-1", 1, "handed back", later(2));
+      await db.tasks.cancel(e.taskId, later(2), null);
+      // A write that changes no status counts nothing.
+      expect(await db.tasks.renewLeases([{ taskId: handed.taskId, agentId: "agent-1" }], later(60_000))).toBe(1);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 3, assigned: 1, completed: 1, failed: 0, cancelled: 1 });
+      expect(await db.tasks.countByStatus()).toEqual(await countedByHand(options));
+
+      // An operator's statement over several rows, from a session of its own.
+      await backend.exec(options, "update tasks set status = 'cancelled', completed_at = updated_at where status = 'pending'");
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 1, completed: 1, failed: 0, cancelled: 4 });
+      // Deletes: a task never queued, and retention.
+      const unqueued = await insert(db);
+      await db.tasks.deleteUnqueued(unqueued.taskId);
+      expect((await db.tasks.deleteFinishedBefore(later(1_000_000_000), 100)).deleted).toBe(5);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 1, completed: 0, failed: 0, cancelled: 0 });
+      expect(await db.tasks.countByStatus()).toEqual(await countedByHand(options));
+    });
+
+    it("counts the tasks already there when the counting migration runs", async () => {
+      const options = await backend.fresh();
+      const before = await createPersistence(options);
+      try {
+        // The schema as it was before the counts: tasks written now are seen by no trigger.
+        const on = backend.name === "postgresql" ? " on tasks" : "";
+        for (const trigger of ["tasks_count_insert", "tasks_count_update", "tasks_count_delete"]) await backend.exec(options, `drop trigger ${trigger}${on}`);
+        if (backend.name === "postgresql") await backend.exec(options, "drop function task_status_counts_apply()");
+        await backend.exec(options, "drop table task_status_counts");
+        await backend.exec(options, "drop index tasks_completed_index");
+        await backend.exec(options, "delete from mikro_orm_migrations where name = 'Migration20261127000000StatusCounts'");
+        const [a, b] = [await insert(before), await insert(before), await insert(before)];
+        await before.tasks.assign(a!.taskId, "agent-1", later(1), null, later(30_000));
+        await before.tasks.cancel(b!.taskId, later(1), null);
+      } finally {
+        await before.close();
+      }
+      const db = await openDb(options);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 1, assigned: 1, completed: 0, failed: 0, cancelled: 1 });
+      // And counts from there on.
+      await insert(db);
+      expect(await db.tasks.countByStatus()).toEqual({ pending: 2, assigned: 1, completed: 0, failed: 0, cancelled: 1 });
+    });
+
+    it.skipIf(backend.name !== "postgresql")("folds the counts of ended database sessions into one row per status, and leaves live sessions' rows and the totals alone", async () => {
+      const options = await backend.fresh();
+      const ended = await createPersistence(options);
+      const tasks = [await insert(ended), await insert(ended), await insert(ended)];
+      await ended.tasks.cancel(tasks[0]!.taskId, later(1), null);
+      await ended.close();
+      await backend.exec(options, `update tasks set status = 'cancelled' where task_id = '${tasks[1]!.taskId}'`);
+      const db = await openDb(options);
+      await insert(db);
+      const live = (await backend.exec(options, "select pid from pg_stat_activity")) as Array<{ pid: number }>;
+      const slots = async () => (await backend.exec(options, "select slot, status, n from task_status_counts order by slot, status")) as Array<{ slot: number; status: string; n: number | string }>;
+      const totals = { pending: 2, assigned: 0, completed: 0, failed: 0, cancelled: 2 };
+      expect(await db.tasks.countByStatus()).toEqual(totals);
+      expect(new Set((await slots()).map((r) => r.slot)).size).toBeGreaterThanOrEqual(3);
+      const liveSlots = new Set((await slots()).map((r) => r.slot).filter((slot) => live.some((p) => p.pid === slot)));
+      expect(liveSlots.size).toBeGreaterThanOrEqual(1);
+
+      // A closed connection's backend leaves pg_stat_activity a moment after the client goes.
+      await vi.waitFor(
+        async () => {
+          await db.tasks.foldStatusCounts();
+          const left = (await slots()).filter((r) => r.slot !== 0);
+          expect(left.every((r) => liveSlots.has(r.slot))).toBe(true);
+        },
+        { timeout: 5_000, interval: 50 },
+      );
+      const folded = await slots();
+      expect(folded.filter((r) => r.slot === 0).map((r) => [r.status, Number(r.n)])).toEqual([
+        ["cancelled", 2],
+        ["pending", 1],
+      ]);
+      expect(folded.filter((r) => r.slot !== 0).map((r) => [r.status, Number(r.n)])).toEqual([["pending", 1]]);
+      expect(await db.tasks.countByStatus()).toEqual(totals);
+      expect(await db.tasks.countByStatus()).toEqual(await countedByHand(options));
+    });
+
     it("deleteUnqueued removes the task and its audit rows, but never a task that was handed out", async () => {
       const db = await freshDb();
       const task = await insert(db);
@@ -633,7 +740,7 @@ for (const backend of backends) {
       try {
         await blocker.query("begin");
         await blocker.query(`lock table "${options.schema}".tasks in access exclusive mode`);
-        for (const stuck of [() => db.tasks.countByStatus(), () => insert(db), () => db.tasks.cancel(task.taskId, later(1), null)]) {
+        for (const stuck of [() => db.tasks.countCompletedSince(t0), () => insert(db), () => db.tasks.cancel(task.taskId, later(1), null)]) {
           const started = Date.now();
           const error = await stuck().then(() => undefined, (e: unknown) => e);
           expect(isDatabaseBusy(error)).toBe(true);

@@ -55,6 +55,8 @@ export const TaskSchema = defineEntity({
     { name: "tasks_lease_index", properties: ["leaseExpiresAt"], where: { status: "assigned" } },
     { name: "tasks_holder_index", properties: ["agentId", "taskId"], where: { status: "assigned" } },
     { name: "tasks_run_at_index", properties: ["runAt"], where: { status: "pending", runAt: { $ne: null } } },
+    // The metrics' completions of the last minute, without walking the whole history.
+    { name: "tasks_completed_index", properties: ["completedAt"], where: { status: "completed" } },
   ],
   uniques: [{ name: "tasks_idempotency_key_unique", properties: ["idempotencyKey"], where: { idempotencyKey: { $ne: null } } }],
 });
