@@ -91,8 +91,10 @@ export class Sweeper {
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
     if (now.getTime() >= this.nextFoldAt) {
-      this.nextFoldAt = now.getTime() + FOLD_COUNTS_INTERVAL_MS;
-      await this.step("fold the task counts of ended database sessions", () => this.o.tasks.foldStatusCounts());
+      await this.step("fold the task counts of ended database sessions", async () => {
+        await this.o.tasks.foldStatusCounts();
+        this.nextFoldAt = now.getTime() + FOLD_COUNTS_INTERVAL_MS;
+      });
     }
     // Not once closed: close() has already answered that no delete runs.
     if (!this.stopped) this.pruning ??= this.step("delete finished tasks past their retention", () => this.prune(now)).finally(() => (this.pruning = undefined));

@@ -64,9 +64,9 @@ export function createMetricsService(o: {
       o.tasks.countRetryWaiting(),
       o.agents.list(false),
     ]);
-  // Callers that arrive while a read is under way share it. The task counts
-  // scan the whole history, so on a long one a read per caller would pile up
-  // on the database, each holding one of the connections the hot path needs.
+  // Callers that arrive while a read is under way share it: a read per
+  // caller would pile up on a slow database, each holding one of the
+  // connections the hot path needs.
   let reading: ReturnType<typeof read> | undefined;
 
   return {

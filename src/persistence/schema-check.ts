@@ -58,7 +58,7 @@ export async function findSchemaProblems(
     dialect === "sqlite"
       ? await em.execute("select tbl_name as table_name, name as trigger_name from sqlite_master where type = 'trigger'")
       : await em.execute(
-          "select c.relname as table_name, t.tgname as trigger_name from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace where n.nspname = coalesce(?, current_schema()) and not t.tgisinternal",
+          "select c.relname as table_name, t.tgname as trigger_name from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace where n.nspname = coalesce(?, current_schema()) and not t.tgisinternal and t.tgenabled <> 'D'",
           [schema ?? null],
         );
   const triggers = new Set(triggerRows.map((row) => `${row.table_name}.${row.trigger_name}`));

@@ -228,13 +228,14 @@ export function tasksTable(em: EntityManager): string {
  * (see the TaskStatusCount entity), so the rows read for the counts stay few
  * however many connections came and went. The totals never change: a
  * session that reuses an ended one's pid while this runs either wrote first
- * (its change is folded with the rest) or waits and writes a fresh row. Rows
- * are locked in key order, so instances folding at once never deadlock;
- * writers never touch slot 0.
+ * (its change is folded with the rest) or waits and writes a fresh row. A
+ * row locked by a writer (a pid already reused) or by another instance's
+ * fold is skipped, left for the next fold, so a fold never waits and never
+ * deadlocks; writers never touch slot 0.
  */
 export function foldStatusCountsSql(em: EntityManager): string {
   const t = tables(em).statusCounts;
-  return `with doomed as (select slot, status from ${t} where slot <> 0 and slot not in (select pid from pg_stat_activity where pid is not null) order by slot, status for update),
+  return `with doomed as (select slot, status from ${t} where slot <> 0 and slot not in (select pid from pg_stat_activity where pid is not null) order by slot, status for update skip locked),
 gone as (delete from ${t} c using doomed where c.slot = doomed.slot and c.status = doomed.status returning c.status, c.n)
 insert into ${t} as c (slot, status, n) select 0, status, sum(n) from gone group by status order by status
 on conflict (slot, status) do update set n = c.n + excluded.n`;

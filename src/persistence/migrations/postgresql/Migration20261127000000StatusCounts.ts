@@ -16,6 +16,8 @@ import { Migration } from "@mikro-orm/migrations";
  * The triggers come before the initial count: creating them locks `tasks`
  * against writes until this migration commits, so no change made meanwhile
  * (by an instance still on the previous version) is missed or counted twice.
+ * Writes wait for the count and the index build (see the README for how
+ * long that takes on a large table).
  *
  * Also indexes completed tasks by completion time, for the metrics'
  * completions of the last minute.
@@ -24,6 +26,10 @@ export class Migration20261127000000StatusCounts extends Migration {
   override name = "Migration20261127000000StatusCounts";
 
   override up(): void {
+    // Under repeatable read the initial count would read a snapshot taken
+    // before the triggers' lock, and miss what older instances committed in
+    // between, for good.
+    this.addSql(`do $$ begin if current_setting('transaction_isolation') <> 'read committed' then raise exception 'the task counts migration must run at read committed isolation, not %', current_setting('transaction_isolation'); end if; end $$;`);
     this.addSql(`create table "task_status_counts" ("slot" int not null, "status" varchar(20) not null, "n" bigint not null, constraint "task_status_counts_pkey" primary key ("slot", "status"));`);
     this.addSql(`create function "task_status_counts_apply"() returns trigger language plpgsql set search_path from current as $$
 begin
