@@ -156,8 +156,8 @@ function ormOptions(target: Target, schema: string | undefined, { lockTimeoutMs,
     // lock_timeout: a row held by a stuck session fails the write waiting on
     // it (and only that one, once its batch is retried alone) instead of
     // holding a write slot for as long as the other session lives.
-    // statement_timeout: no statement (a sweep, a count over a long
-    // history, a write behind a stalled disk) holds a connection for ever.
+    // statement_timeout: no statement (a sweep over a large backlog, a
+    // write behind a stalled disk) holds a connection for ever.
     driverOptions: {
       connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
       keepAlive: true,

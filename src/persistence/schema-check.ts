@@ -4,10 +4,12 @@ import type { EntityManager } from "@mikro-orm/sql";
 export type ExpectedSchema = ReadonlyMap<string, readonly string[]>;
 
 /** One missing piece of the schema, as found by {@link findSchemaProblems}. */
-export type SchemaProblem =
-  | { table: string; column?: undefined; trigger?: undefined }
-  | { table: string; column: string; trigger?: undefined }
-  | { table: string; trigger: string; column?: undefined };
+/** A whole table when neither a column nor a trigger is named. */
+export interface SchemaProblem {
+  table: string;
+  column?: string;
+  trigger?: string;
+}
 
 /**
  * Triggers the migrations create that no entity describes: without them the
