@@ -268,6 +268,20 @@ export class AgentSession {
     this.log.info({ task_id: task.taskId, attempt: task.attempt, correlation_id: task.correlationId }, "task assigned");
   }
 
+  /**
+   * The sweeper read that a task this session holds is no longer leased to
+   * it for `attempt` (`now`: the task as read, undefined if deleted): a cancel
+   * or a take-over this instance never heard of, or a change by hand. The
+   * agent is told to stop and the slot is freed. A result being recorded
+   * decides the task instead, and a lease that moved on meanwhile is left alone.
+   */
+  leaseGone(taskId: string, attempt: number, now: TaskRecord | undefined): void {
+    if (this.state !== "active" || this.held.get(taskId)?.attempt !== attempt || this.settling.has(taskId)) return;
+    this.log.warn({ task_id: taskId, attempt, status: now?.status ?? "deleted", holder: now?.agentId, holder_attempt: now?.attempt }, "lease lost without notice; telling the agent to stop");
+    this.forget(taskId);
+    this.send({ type: "task_cancelled", taskId });
+  }
+
   /** The task was cancelled elsewhere: tell the agent and free the slot. */
   cancelled(taskId: string): void {
     if (!this.held.has(taskId)) return;

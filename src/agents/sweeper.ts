@@ -6,6 +6,7 @@ import { backoffMs, type RetryPolicy } from "../tasks/retry-policy.js";
 import type { TaskRecord } from "../tasks/task-types.js";
 import { isDatabaseBusy } from "../errors/errors.js";
 import type { Dispatcher } from "./dispatcher.js";
+import type { AgentSession } from "./agent-session.js";
 
 export interface SweeperOptions {
   tasks: TaskRepository;
@@ -20,6 +21,14 @@ export interface SweeperOptions {
   retry: RetryPolicy;
   /** How long finished tasks are kept; undefined keeps them for ever. */
   retentionMs?: number;
+}
+
+/** A lease a live session here holds, as the sweep found it. */
+interface Held {
+  taskId: string;
+  agentId: string;
+  attempt: number;
+  session: AgentSession;
 }
 
 /** Rows handled per kind per sweep, so one sweep never holds the loop for long. */
@@ -52,6 +61,13 @@ const FOLD_COUNTS_INTERVAL_MS = 60_000;
  *   that a slow delete never holds up a lease renewal;
  * - first of all, has the dispatcher ask the queue again for agents it
  *   believes have nothing to do, in case an announcement of work was lost.
+ * Changes are announced between instances over pub/sub, which can lose
+ * them. So with each renewal, and at the next pass once the events feed
+ * says something was missed, it also re-reads the tasks watched here
+ * (WatchTask), and any held task whose lease was not renewed: a task no
+ * longer leased to its holder (cancelled, or taken back, elsewhere) is
+ * cancelled on the agent, which would otherwise work on it, its slot taken,
+ * until it finished.
  * Dispatch itself never waits on this: it is event-driven.
  */
 export class Sweeper {
@@ -63,10 +79,17 @@ export class Sweeper {
   private pruneFrom: Date | undefined;
   private pruning: Promise<void> | undefined;
   private stopped = false;
+  private nextCatchUpAt = 0;
+  private stopListening: (() => void) | undefined;
 
   constructor(private readonly o: SweeperOptions) {}
 
   start(): void {
+    this.stopListening = this.o.events.onMissed(() => {
+      this.nextCatchUpAt = 0;
+      // Checks every held task, since a lost cancel shows up as a lease not renewed.
+      this.lastRenewal = 0;
+    });
     this.schedule();
   }
 
@@ -86,8 +109,14 @@ export class Sweeper {
     for (const s of sessions) s.expireOverdue(now);
     // Only tasks a live session here really holds are renewed or spared: a
     // lease written for a task that never reached its agent must run out.
-    const held = sessions.flatMap((s) => [...s.held.keys()].map((taskId) => ({ taskId, agentId: s.agentId })));
+    const held = sessions.flatMap((session) => [...session.held.values()].map(({ taskId, attempt }) => ({ taskId, agentId: session.agentId, attempt, session })));
     await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
+    if (now.getTime() >= this.nextCatchUpAt) {
+      await this.step("re-read the tasks watched here", async () => {
+        await this.refreshWatched();
+        this.nextCatchUpAt = now.getTime() + this.o.leaseTtlMs / 3;
+      });
+    }
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
     if (now.getTime() >= this.nextFoldAt) {
@@ -109,11 +138,29 @@ export class Sweeper {
   }
 
   /** Renewing at a third of the lease leaves two more chances before it lapses. */
-  private async renew(now: Date, held: Array<{ taskId: string; agentId: string }>, agentIds: string[]): Promise<void> {
+  private async renew(now: Date, held: Held[], agentIds: string[]): Promise<void> {
     if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
-    await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs));
+    const renewed = await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs));
     await this.o.agents.touchHeartbeats(agentIds, now);
     this.lastRenewal = now.getTime();
+    // Rows a writer had locked are skipped too, so this is only a reason to look.
+    if (renewed < held.length) await this.checkHeld(held);
+  }
+
+  /** Tells each session of the tasks it holds that are no longer leased to it for the attempt it holds. */
+  private async checkHeld(held: Held[]): Promise<void> {
+    const current = new Map((await this.o.tasks.getMany(held.map((h) => h.taskId))).map((t) => [t.taskId, t]));
+    for (const h of held) {
+      const task = current.get(h.taskId);
+      if (task?.status === "assigned" && task.agentId === h.agentId && task.attempt === h.attempt) continue;
+      h.session.leaseGone(h.taskId, h.attempt, task);
+    }
+  }
+
+  private async refreshWatched(): Promise<void> {
+    const watched = this.o.events.watched();
+    if (watched.length === 0) return;
+    for (const task of await this.o.tasks.getMany(watched)) this.o.events.refresh(task);
   }
 
   private async expireLeases(now: Date, heldHere: Set<string>): Promise<void> {
@@ -172,6 +219,7 @@ export class Sweeper {
   close(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
+    this.stopListening?.();
     return this.pruning ?? Promise.resolve();
   }
 }

@@ -21,6 +21,8 @@ export interface RepositoryDeps {
 
 /** How many times `cancel` re-reads a task whose status changed under it before giving up. */
 const CANCEL_RETRIES = 3;
+/** Ids per statement of `getMany`. */
+const GET_MANY_CHUNK = 500;
 
 function parseObject(text: string | null | undefined): JsonObject | null {
   if (text == null || text === "") return null;
@@ -160,6 +162,17 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     async get(taskId: string): Promise<TaskRecord | null> {
       const row = await deps.fork().findOne(Task, { taskId });
       return row ? toRecord(row) : null;
+    },
+
+    async getMany(taskIds) {
+      const em = deps.fork();
+      const found: TaskRecord[] = [];
+      // Bounded lists of parameters, whatever the count: SQLite and PostgreSQL both cap them.
+      for (let i = 0; i < taskIds.length; i += GET_MANY_CHUNK) {
+        const rows = await em.find(Task, { taskId: { $in: taskIds.slice(i, i + GET_MANY_CHUNK) } });
+        found.push(...rows.map(toRecord));
+      }
+      return found;
     },
 
     async list(filter: ListTasksFilter): Promise<TaskRecord[]> {

@@ -29,6 +29,9 @@ interface WireChange {
   t?: WireState;
 }
 
+/** The body of a message saying that some of its sender's announcements were dropped. */
+const MISSED = "missed";
+
 /** Longest error text sent with a state; a longer one is left for the re-read. */
 const MAX_WIRE_ERROR = 1024;
 
@@ -75,6 +78,16 @@ function fromWire(m: WireChange): TaskState | undefined {
  * versions sent) is still understood, but earlier versions cannot read the
  * batches: during a rolling upgrade, watchers and cancellations on
  * not-yet-upgraded instances miss changes made on upgraded ones.
+ *
+ * Pub/sub keeps nothing for a subscriber that is away, so changes can be
+ * missed. Two moments are known, and both call the `onMissed` listeners (the
+ * sweeper then re-reads what this instance watches and holds): this
+ * instance's subscription is made again after its connection dropped, or
+ * another instance, whose announcements were dropped while its own
+ * connection was down, sends `<origin>|"missed"` once it is back. Earlier
+ * versions skip that message. Anything missed otherwise (an instance killed
+ * between its commit and its announcement) is caught by the sweeper's
+ * periodic re-read.
  */
 export function createRedisTaskEvents(options: { url: string; prefix?: string; log?: QueueLog }): TaskEvents {
   const channel = `{${options.prefix ?? "aaos"}}:events`;
@@ -93,12 +106,29 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   };
   pub.on("error", (e) => warn(e, "task event publisher: redis error"));
   sub.on("error", (e) => warn(e, "task event subscriber: redis error"));
-  sub.subscribe(channel).catch((e: unknown) => warn(e, "task event subscriber could not subscribe"));
+  let closing: Promise<void> | undefined;
+  const missedListeners = new Set<() => void>();
+  const missed = () => {
+    for (const l of missedListeners) l();
+  };
+  let subscribed = false;
+  sub.subscribe(channel).then(
+    () => (subscribed = true),
+    (e: unknown) => warn(e, "task event subscriber could not subscribe"),
+  );
+  // A reconnect: ioredis subscribes again on its own; subscribing once more
+  // tells us when that is done, and what was published while the connection
+  // was down can only be read from the database.
+  sub.on("ready", () => {
+    if (!subscribed || closing) return;
+    sub.subscribe(channel).then(missed, (e: unknown) => warn(e, "task event subscriber could not subscribe again"));
+  });
   sub.on("message", (_channel: string, message: string) => {
     // Our own batches come back too; the origin prefix skips them unparsed.
     if (message.startsWith(ownPrefix)) return;
     try {
       const body: unknown = JSON.parse(message.startsWith("{") ? message : message.slice(message.indexOf("|") + 1));
+      if (body === MISSED) return missed();
       for (const m of (Array.isArray(body) ? body : [body]) as WireChange[]) {
         if (m.o === origin || !isTaskStatus(m.s)) continue;
         const state = fromWire(m);
@@ -110,23 +140,41 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   });
   /** Changes made in this turn of the event loop, announced together in one PUBLISH. */
   let outgoing: WireChange[] = [];
+  /** Some announcement was dropped: once Redis takes writes again, every instance is told to re-read. */
+  let dropped = false;
+  const drop = (e?: unknown) => {
+    dropped = true;
+    if (e !== undefined) warn(e, "could not announce task changes");
+  };
   const flush = () => {
     const batch = outgoing;
     outgoing = [];
-    if (closing || pub.status !== "ready") return;
-    pub.publish(channel, ownPrefix + JSON.stringify(batch)).catch((e: unknown) => warn(e, "could not announce task changes"));
+    if (closing) return;
+    if (pub.status !== "ready") return drop();
+    pub.publish(channel, ownPrefix + JSON.stringify(batch)).catch(drop);
   };
-  let closing: Promise<void> | undefined;
+  pub.on("ready", () => {
+    if (!dropped || closing) return;
+    dropped = false;
+    pub.publish(channel, ownPrefix + JSON.stringify(MISSED)).catch(drop);
+  });
   return {
     publish(change: TaskRecord) {
       listeners.deliver({ ...change, task: change });
-      if (closing || pub.status !== "ready") return;
+      if (closing) return;
+      if (pub.status !== "ready") return drop();
       if (outgoing.length === 0) setImmediate(flush);
       const t = toWire(change);
       outgoing.push({ o: origin, i: change.taskId, s: change.status, a: change.agentId, n: change.attempt, u: change.updatedAt.getTime(), ...(t ? { t } : {}) });
     },
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),
+    watched: () => listeners.watched(),
+    refresh: (task) => listeners.refresh(task),
+    onMissed(listener) {
+      missedListeners.add(listener);
+      return () => missedListeners.delete(listener);
+    },
     close() {
       closing ??= Promise.all([pub.quit().catch(() => pub.disconnect()), sub.quit().catch(() => sub.disconnect())]).then(() => undefined);
       return closing;

@@ -29,6 +29,21 @@ export interface TaskEvents {
   subscribe(taskId: string, listener: TaskListener): () => void;
   /** Every change. Returns an unsubscribe function. */
   subscribeAll(listener: TaskListener): () => void;
+  /** Tasks with a watcher on this instance. */
+  watched(): string[];
+  /**
+   * Gives the watchers of a task its state as just read from the database,
+   * for changes that were never announced to them: lost over pub/sub while a
+   * connection to Redis was down, or made by hand. Watchers that have seen it
+   * already ignore it; the all-changes listeners do not hear it.
+   */
+  refresh(task: TaskRecord): void;
+  /**
+   * Called when announcements from other instances may have been missed (the
+   * subscription was re-established after its connection dropped, or an
+   * instance could not announce for a while). Returns an unsubscribe function.
+   */
+  onMissed(listener: () => void): () => void;
   /** Safe to call twice. */
   close(): Promise<void>;
 }
@@ -57,6 +72,17 @@ export class TaskListeners {
     this.all.add(listener);
     return () => this.all.delete(listener);
   }
+
+  watched(): string[] {
+    return [...this.byTask.keys()];
+  }
+
+  /** Carried as a state, so a watcher compares it with what it has seen, as it does a remote change. */
+  refresh(task: TaskRecord): void {
+    const { description: _description, metadata: _metadata, ...state } = task;
+    const change: TaskChange = { taskId: task.taskId, status: task.status, agentId: task.agentId, attempt: task.attempt, updatedAt: task.updatedAt, state };
+    for (const l of this.byTask.get(task.taskId) ?? []) l(change);
+  }
 }
 
 /** In-process fan-out: one instance sees the changes it makes itself. */
@@ -66,6 +92,10 @@ export function createLocalTaskEvents(): TaskEvents {
     publish: (task) => listeners.deliver({ ...task, task }),
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),
+    watched: () => listeners.watched(),
+    refresh: (task) => listeners.refresh(task),
+    // Every change is made here and heard at once: nothing can be missed.
+    onMissed: () => () => undefined,
     close: async () => undefined,
   };
 }

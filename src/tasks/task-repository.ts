@@ -62,6 +62,8 @@ export interface TaskRepository {
   /** Removes a task that was never queued (used when enqueue fails). */
   deleteUnqueued(taskId: string): Promise<void>;
   get(taskId: string): Promise<TaskRecord | null>;
+  /** The tasks of these ids that exist, in no particular order. */
+  getMany(taskIds: readonly string[]): Promise<TaskRecord[]>;
   list(filter: ListTasksFilter): Promise<TaskRecord[]>;
   /** pending → assigned to `agentId`, attempt + 1, leased until `leaseExpiresAt`. */
   assign(taskId: string, agentId: string, now: Date, correlationId: string | null, leaseExpiresAt: Date): Promise<TaskRecord | null>;

@@ -281,7 +281,10 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
             wake = undefined;
             continue;
           }
-          const remote = change.state && change.state.updatedAt.getTime() !== last.updatedAt.getTime() ? { ...last, ...change.state } : undefined;
+          const sameMs = change.state?.updatedAt.getTime() === last.updatedAt.getTime();
+          // What was last seen, heard again (a re-read that found no change): no news, and no read.
+          if (change.state && sameMs && change.state.status === last.status && change.state.attempt === last.attempt) continue;
+          const remote = change.state && !sameMs ? { ...last, ...change.state } : undefined;
           const next = change.task ?? remote ?? (await getOrThrow(taskId));
           const newer =
             next.updatedAt > last.updatedAt ||

@@ -4,7 +4,9 @@
  * sharing PostgreSQL + Redis.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
+import { BACKENDS, changeByHand, eventually, startServer, type TestServer } from "../support/server.js";
+import { TEST_REDIS_URL } from "../support/services.js";
+import { TcpProxy } from "../support/tcp-proxy.js";
 import * as grpc from "@grpc/grpc-js";
 import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
 
@@ -26,6 +28,17 @@ const start = async (...args: Parameters<typeof startServer>) => {
   return s;
 };
 const track = <T extends TestAgent>(a: T) => (agents.push(a), a);
+
+/** A WatchTask stream over gRPC: the statuses seen, and whether it ended. */
+function watchTask(port: number, taskId: string) {
+  const tc = grpcClient("TaskService", port);
+  const stream = (tc as unknown as { WatchTask(r: object): grpc.ClientReadableStream<{ task: { status: string } }> }).WatchTask({ task_id: taskId });
+  const watch = { seen: [] as string[], ended: false, close: () => tc.close() };
+  stream.on("data", (m) => watch.seen.push(m.task.status));
+  stream.on("end", () => (watch.ended = true));
+  stream.on("error", () => (watch.ended = true));
+  return watch;
+}
 
 describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
   it.skipIf(!available)("an agent id that connects again replaces its old session and gets its task back", async () => {
@@ -93,6 +106,25 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     expect(orphan).toMatchObject({ status: "completed", failedAttempts: 1, error: "orchestrator restarted while the task was running" });
   });
 
+  it.skipIf(!available)("a change nobody announced (made by hand in the database) reaches the holder and the watchers at the next renewal", async () => {
+    // Leases renewed, and watched tasks re-read, every 300 ms.
+    const s = await start(name, { env: { LEASE_TTL_MS: "900", HEARTBEAT_INTERVAL_MS: "100", SWEEP_INTERVAL_MS: "50" } });
+    const agent = track(await GrpcAgent.connect(s.port, { capabilities: ["qa"] }));
+    const id = await postTask(s, { task_type: "qa", description: "cancelled by hand" });
+    await agent.waitForFrame("task_assignment");
+    const watch = watchTask(s.port, id);
+    await eventually(() => watch.seen.length > 0, 5000, "the watch's first state");
+    await changeByHand(s, "update tasks set status = 'cancelled' where task_id = $1", [id]);
+    await eventually(() => watch.ended, 5000, "the watch ended");
+    expect(watch.seen).toEqual(["TASK_STATUS_ASSIGNED", "TASK_STATUS_CANCELLED"]);
+    watch.close();
+    // The agent is told to stop, and its one slot takes the next task.
+    await agent.waitFor((x) => x.frames.some((f) => f.type === "task_cancelled" && f.taskId === id), 5000, "the holder told");
+    const next = await postTask(s, { task_type: "qa", description: "the freed slot takes this" });
+    await agent.waitFor((x) => x.assignments.some((t) => t.taskId === next), 5000, "freed slot used");
+    expect(s.logs.lines).toContainEqual(expect.objectContaining({ msg: "lease lost without notice; telling the agent to stop", task_id: id, status: "cancelled" }));
+  });
+
   it.skipIf(!available || name === "embedded")("instances sharing PostgreSQL and Redis share the work", async () => {
     const a = await start(name);
     const b = await start(name, { shareWith: a });
@@ -156,4 +188,45 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     await agentOnB.waitFor((x) => x.assignments.some((t) => t.taskId === next), 5000, "freed slot used");
     tc.close();
   });
+
+  for (const cutOff of ["watching", "changing"] as const) {
+    it.skipIf(!available || name === "embedded")(`a change announced while the ${cutOff} instance's Redis connection was down reaches the watcher once it is back`, async () => {
+      const target = new URL(TEST_REDIS_URL);
+      const proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port || 6379) });
+      const viaProxy = new URL(TEST_REDIS_URL);
+      viaProxy.hostname = "127.0.0.1";
+      viaProxy.port = String(proxy.port);
+      // The periodic re-read comes every 20 s: too late to be what the watcher waits for here.
+      const env = { LEASE_TTL_MS: "60000", SWEEP_INTERVAL_MS: "50" };
+      const direct = await start(name, { env });
+      const proxied = await start(name, { env, shareWith: direct, redisUrl: viaProxy.toString() });
+      const [watching, changing] = cutOff === "watching" ? [proxied, direct] : [direct, proxied];
+      try {
+        const agent = track(await GrpcAgent.connect(changing.port, { capabilities: ["qa"] }));
+        const id = await postTask(changing, { task_type: "qa", description: "completed while announcements are lost" });
+        await agent.waitForFrame("task_assignment");
+        const watch = watchTask(watching.port, id);
+        await eventually(() => watch.seen.length > 0, 5000, "the watch's first state");
+        proxy.cut();
+        // The servers run in this process: let their clients see the connections drop.
+        await new Promise((r) => setTimeout(r, 100));
+        agent.complete(id, {});
+        await agent.waitForFrame("completion_ack");
+        await new Promise((r) => setTimeout(r, 300));
+        // The announcement was lost on the way...
+        expect(watch.seen).toEqual(["TASK_STATUS_ASSIGNED"]);
+        proxy.restore();
+        // ...and the watcher catches up once the connection is back.
+        await eventually(() => watch.ended, 10_000, "the watch ended");
+        expect(watch.seen).toEqual(["TASK_STATUS_ASSIGNED", "TASK_STATUS_COMPLETED"]);
+        watch.close();
+      } finally {
+        proxy.restore();
+        // Before the proxy goes, so its Redis connections close cleanly.
+        servers.splice(servers.indexOf(proxied), 1);
+        await proxied.close();
+        await proxy.close();
+      }
+    });
+  }
 });

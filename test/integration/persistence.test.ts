@@ -883,6 +883,18 @@ for (const backend of backends) {
       expect(done.leaseExpiresAt).toBeNull();
     });
 
+    it("getMany reads the tasks that exist, over more ids than one statement takes", async () => {
+      const db = await freshDb();
+      const stored = await Promise.all(Array.from({ length: 3 }, () => insert(db)));
+      const missing = Array.from({ length: 600 }, () => newTask().taskId);
+      // The stored ones on both sides of the 500-id statement boundary.
+      const ids = [stored[0]!.taskId, ...missing.slice(0, 550), stored[1]!.taskId, stored[2]!.taskId, ...missing.slice(550)];
+      const found = await db.tasks.getMany(ids);
+      expect(found.map((t) => t.taskId).sort()).toEqual(stored.map((t) => t.taskId).sort());
+      expect(found.find((t) => t.taskId === stored[1]!.taskId)).toEqual(stored[1]);
+      expect(await db.tasks.getMany([])).toEqual([]);
+    });
+
     it("finds a task by idempotency key, refuses a second row with the same key, and frees an expired key", async () => {
       const db = await freshDb();
       const first = newTask({ idempotencyKey: "order-42", requestHash: "h1" });

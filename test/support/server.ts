@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from "node:fs";
+import { DatabaseSync } from "node:sqlite";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Writable } from "node:stream";
@@ -131,6 +132,32 @@ export async function startServer(backend: BackendName, options: StartOptions = 
       for (const c of cleanups) await c();
     },
   };
+}
+
+/**
+ * Runs a statement on the server's database from a connection of its own, as
+ * an operator would by hand: the service hears nothing of it. Parameters are
+ * written `$1`, `$2`, … on both backends.
+ */
+export async function changeByHand(s: TestServer, sql: string, params: Array<string | number> = []): Promise<void> {
+  if (s.data.sqliteFile) {
+    const db = new DatabaseSync(s.data.sqliteFile, { timeout: 10_000 });
+    try {
+      // SQLite numbers its parameters ?1, ?2, …
+      db.prepare(sql.replace(/\$(\d+)/g, "?$1")).run(...params);
+    } finally {
+      db.close();
+    }
+    return;
+  }
+  const client = new pg.Client({ connectionString: TEST_POSTGRES_URL, connectionTimeoutMillis: 10_000 });
+  await client.connect();
+  try {
+    await client.query(`SET search_path TO "${s.data.schema}"`);
+    await client.query(sql, params);
+  } finally {
+    await client.end();
+  }
 }
 
 /** Polls `check` until it returns a truthy value (tests only; never in the service). */

@@ -109,4 +109,34 @@ describe("agent session: slots around results", () => {
     expect(s.session.activeTasks).toBe(0);
     expect(s.freed() - freedBefore).toBe(1);
   });
+
+  it("a lease found gone stops the agent and frees its slot, unless a result is deciding the task or the lease has moved on", async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const s = await oneSlotSession({ complete: async () => (await gate, { ...task(T1), status: "completed" }), get: async () => null });
+    const cancelled = { ...task(T1), status: "cancelled" as const };
+
+    // A result on its way to the database decides the task.
+    s.session.deliver(task(T1));
+    void s.session.receive({ type: "task_complete", taskId: T1, result: {} });
+    await settled();
+    s.session.leaseGone(T1, 1, cancelled);
+    expect(s.sent.map((m) => m.type)).not.toContain("task_cancelled");
+    release();
+    await settled();
+    expect(s.sent.at(-1)).toMatchObject({ type: "completion_ack", taskId: T1 });
+
+    // Read for attempt 1, but the session now holds attempt 2.
+    s.session.deliver(task(T2, { attempt: 2 }));
+    s.session.leaseGone(T2, 1, cancelled);
+    expect(s.session.held.has(T2)).toBe(true);
+    expect(s.session.freeSlots).toBe(0);
+
+    const freedBefore = s.freed();
+    s.session.leaseGone(T2, 2, undefined);
+    expect(s.sent.at(-1)).toEqual({ type: "task_cancelled", taskId: T2 });
+    expect(s.session.held.has(T2)).toBe(false);
+    expect(s.session.freeSlots).toBe(1);
+    expect(s.freed() - freedBefore).toBe(1);
+  });
 });

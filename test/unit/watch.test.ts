@@ -23,7 +23,8 @@ function harness(row: TaskRecord) {
   const db = { row };
   let listener: TaskListener | undefined;
   const events = { subscribe: (_id: string, l: TaskListener) => ((listener = l), () => (listener = undefined)) } as unknown as TaskEvents;
-  const tasks = { get: async () => db.row } as unknown as TaskRepository;
+  const reads = { count: 0 };
+  const tasks = { get: async () => (reads.count++, db.row) } as unknown as TaskRepository;
   const service = createTaskService({
     tasks, events, queue: {} as never, validate: () => { throw new Error("unused"); }, idempotencyTtlMs: 1, accepting: () => true, repairQueue: () => {},
   });
@@ -36,7 +37,7 @@ function harness(row: TaskRecord) {
     listener(c);
     await new Promise((r) => setTimeout(r, 5));
   };
-  return { db, seen, done, deliver };
+  return { db, seen, done, deliver, reads };
 }
 
 describe("WatchTask with changes from other instances", () => {
@@ -64,6 +65,20 @@ describe("WatchTask with changes from other instances", () => {
     const completed: TaskRecord = { ...assigned, status: "completed", result: {}, completedAt: at(11), updatedAt: at(11) };
     h.db.row = completed;
     await h.deliver(remote(completed, false));
+    await h.done;
+    expect(h.seen.map((t) => t.status)).toEqual(["assigned", "completed"]);
+  });
+
+  it("takes a state it has already seen (a periodic re-read that found nothing new) without reading the database", async () => {
+    const assigned: TaskRecord = { ...base, status: "assigned", agentId: "a", attempt: 1, assignedAt: at(10), updatedAt: at(10) };
+    const h = harness(assigned);
+    await new Promise((r) => setTimeout(r, 5));
+    await h.deliver(remote(assigned));
+    await h.deliver(remote(assigned));
+    expect(h.reads.count).toBe(1);
+    expect(h.seen.map((t) => t.status)).toEqual(["assigned"]);
+    const completed: TaskRecord = { ...assigned, status: "completed", result: {}, completedAt: at(11), updatedAt: at(11) };
+    await h.deliver(remote(completed));
     await h.done;
     expect(h.seen.map((t) => t.status)).toEqual(["assigned", "completed"]);
   });
