@@ -140,11 +140,12 @@ export class Sweeper {
   /** Renewing at a third of the lease leaves two more chances before it lapses. */
   private async renew(now: Date, held: Held[], agentIds: string[]): Promise<void> {
     if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
-    const renewed = await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs));
+    const renewed = new Set(await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs)));
     await this.o.agents.touchHeartbeats(agentIds, now);
     this.lastRenewal = now.getTime();
     // Rows a writer had locked are skipped too, so this is only a reason to look.
-    if (renewed < held.length) await this.checkHeld(held);
+    const notRenewed = held.filter((h) => !renewed.has(h.taskId));
+    if (notRenewed.length > 0) await this.checkHeld(notRenewed);
   }
 
   /** Tells each session of the tasks it holds that are no longer leased to it for the attempt it holds. */

@@ -293,16 +293,17 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
     },
 
     async renewLeases(held, leaseExpiresAt) {
-      if (held.length === 0) return 0;
+      if (held.length === 0) return [];
       const pairs = held.map(() => "(?, ?)").join(", ");
       const params = held.flatMap((h) => [h.taskId, h.agentId]);
       const em = deps.fork();
       const tasks = tasksTable(em);
-      return em.execute(
-        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${skipLocked})`,
+      const rows = await em.execute<Array<{ task_id: string }>>(
+        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${skipLocked}) returning task_id`,
         [leaseExpiresAt, ...params],
-        "run",
-      ).then((r) => Number((r as { affectedRows?: number }).affectedRows ?? 0));
+        "all",
+      );
+      return rows.map((r) => r.task_id);
     },
 
     async listExpiredLeases(now, limit) {
