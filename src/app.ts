@@ -129,7 +129,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   const latency = new LatencyWindow();
   const repairQueue = (reason: string) => reconciler.repairSoon(reason);
   const dispatcher = new Dispatcher({ tasks: persistence.tasks, queue, events, log, clock, latency, leaseTtlMs: config.leaseTtlMs, repairQueue });
-  const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry, retentionMs: config.taskRetentionMs });
+  const sweeper = new Sweeper({ tasks: persistence.tasks, agents: persistence.agents, queue, events, dispatcher, log, clock, intervalMs: config.sweepIntervalMs, leaseTtlMs: config.leaseTtlMs, retry, retentionMs: config.taskRetentionMs, databaseTime: persistence.databaseTime });
   sweeper.start();
   // Cleared when shutdown begins: new tasks and agents are refused so they
   // go to an instance that will still be there.

@@ -21,6 +21,8 @@ export interface SweeperOptions {
   retry: RetryPolicy;
   /** How long finished tasks are kept; undefined keeps them for ever. */
   retentionMs?: number;
+  /** The clock other instances' leases are held to (the shared database's); undefined when no other instance can exist. */
+  databaseTime?: () => Promise<Date>;
 }
 
 /** A lease a live session here holds, as the sweep found it. */
@@ -44,6 +46,8 @@ const PRUNE_ROUNDS = 4;
 const PRUNE_IDLE_MAX_MS = 60_000;
 /** How often the task counts of ended database sessions are folded together. */
 const FOLD_COUNTS_INTERVAL_MS = 60_000;
+/** How often this instance's clock is compared with the database's. */
+const CLOCK_CHECK_INTERVAL_MS = 60_000;
 
 /**
  * The time-driven side of delivery, one pass every `intervalMs`:
@@ -55,7 +59,8 @@ const FOLD_COUNTS_INTERVAL_MS = 60_000;
  *   instance that died), counting a failed attempt;
  * - queues retries whose backoff has passed;
  * - once a minute, folds the task counts kept by database sessions that
- *   have ended, so the metrics read stays a few rows;
+ *   have ended, so the metrics read stays a few rows, and compares this
+ *   instance's clock with the database's (see `checkClock`);
  * - with a retention period, deletes finished tasks (and their audit rows)
  *   older than it, a bounded number per pass, beside the steps above so
  *   that a slow delete never holds up a lease renewal;
@@ -80,6 +85,7 @@ export class Sweeper {
   private pruning: Promise<void> | undefined;
   private stopped = false;
   private nextCatchUpAt = 0;
+  private nextClockCheckAt = 0;
   private stopListening: (() => void) | undefined;
 
   constructor(private readonly o: SweeperOptions) {}
@@ -119,6 +125,12 @@ export class Sweeper {
     }
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
+    if (this.o.databaseTime && now.getTime() >= this.nextClockCheckAt) {
+      await this.step("compare its clock with the database's", async () => {
+        await this.checkClock(this.o.databaseTime!);
+        this.nextClockCheckAt = now.getTime() + CLOCK_CHECK_INTERVAL_MS;
+      });
+    }
     if (now.getTime() >= this.nextFoldAt) {
       await this.step("fold the task counts of ended database sessions", async () => {
         await this.o.tasks.foldStatusCounts();
@@ -156,6 +168,28 @@ export class Sweeper {
       if (task?.status === "assigned" && task.agentId === h.agentId && task.attempt === h.attempt) continue;
       h.session.leaseGone(h.taskId, h.attempt, task);
     }
+  }
+
+  /**
+   * Whether a lease has run out is judged by the clock of the instance that
+   * looks, against an expiry the holder's instance wrote from its own clock.
+   * A lease is renewed a third of the way through, so two instances whose
+   * clocks differ by two thirds of it would take back live leases and run
+   * their tasks twice. Keeping each within a sixth of the database's clock
+   * keeps every pair within a third. Measured against the middle of the
+   * round trip, and reported only beyond what the round trip can explain.
+   */
+  private async checkClock(databaseTime: () => Promise<Date>): Promise<void> {
+    const before = this.o.clock().getTime();
+    const theirs = (await databaseTime()).getTime();
+    const after = this.o.clock().getTime();
+    const offset = (before + after) / 2 - theirs;
+    const limit = this.o.leaseTtlMs / 6;
+    if (Math.abs(offset) - (after - before) / 2 <= limit) return;
+    this.o.log.error(
+      { clock_offset_ms: Math.round(offset), limit_ms: Math.round(limit) },
+      "this instance's clock is off from the database's: instances may take each other's live leases for expired and run tasks twice; synchronise the clocks (NTP)",
+    );
   }
 
   private async refreshWatched(): Promise<void> {

@@ -78,6 +78,11 @@ export interface Persistence {
   readonly agents: AgentRepository;
   /** Resolves when the database answers a trivial query; throws when it is unreachable. */
   ping(): Promise<void>;
+  /**
+   * The database server's clock, which every instance sharing it can be held
+   * to (PostgreSQL); undefined for SQLite, which only one instance uses.
+   */
+  readonly databaseTime?: () => Promise<Date>;
   /** Closes the connections; safe to call twice. */
   close(): Promise<void>;
 }
@@ -280,6 +285,14 @@ export async function createPersistence(options: PersistenceOptions): Promise<Pe
     dialect: target.dialect,
     tasks: createTaskRepository(writer),
     agents: createAgentRepository({ fork }),
+    ...(target.dialect === "postgresql"
+      ? {
+          async databaseTime() {
+            const [row] = await fork().execute<Array<{ t: Date | string }>>("select clock_timestamp() as t");
+            return new Date(row!.t);
+          },
+        }
+      : {}),
     async ping() {
       try {
         await fork().execute("select 1");

@@ -125,6 +125,20 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     expect(s.logs.lines).toContainEqual(expect.objectContaining({ msg: "lease lost without notice; telling the agent to stop", task_id: id, status: "cancelled" }));
   });
 
+  it.skipIf(!available || name === "embedded")("an instance whose clock is off from the database's says so, naming the offset", async () => {
+    const warns = (l: Record<string, unknown>) => String(l.msg).startsWith("this instance's clock is off from the database's");
+    const env = { SWEEP_INTERVAL_MS: "50" };
+    const ahead = await start(name, { env, clock: () => new Date(Date.now() + 60_000) });
+    const onTime = await start(name, { env, shareWith: ahead });
+    const line = await eventually(() => ahead.logs.lines.find(warns), 5000, "the warning");
+    // A sixth of the default lease (30 s).
+    expect(line).toMatchObject({ limit_ms: 5000 });
+    expect(Math.abs(Number(line.clock_offset_ms) - 60_000)).toBeLessThan(1000);
+    // The other instance has compared its clock too, on its first sweeps, and found nothing to say.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(onTime.logs.lines.filter(warns)).toEqual([]);
+  });
+
   it.skipIf(!available || name === "embedded")("instances sharing PostgreSQL and Redis share the work", async () => {
     const a = await start(name);
     const b = await start(name, { shareWith: a });

@@ -55,6 +55,8 @@ export interface StartOptions {
    * its owner to clean up.
    */
   shareWith?: TestServer;
+  /** The clock the service reads time from. */
+  clock?: () => Date;
 }
 
 /**
@@ -116,7 +118,7 @@ export async function startServer(backend: BackendName, options: StartOptions = 
     queue = createRedisQueue({ url: redisUrl, prefix, log });
     events = createRedisTaskEvents({ url: redisUrl, prefix, log });
   }
-  const app = await buildApp({ config, log, persistence, queue, events, version: "test", singleInstance: backend === "embedded" });
+  const app = await buildApp({ config, log, persistence, queue, events, version: "test", singleInstance: backend === "embedded", ...(options.clock ? { clock: options.clock } : {}) });
   await app.fastify.listen({ port: 0, host: "127.0.0.1" });
   const port = (app.fastify.server.address() as AddressInfo).port;
   return {
