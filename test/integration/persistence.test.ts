@@ -617,6 +617,24 @@ for (const backend of backends) {
       expect(await db.tasks.countByStatus()).toEqual({ pending: 2, assigned: 1, completed: 0, failed: 0, cancelled: 1 });
     });
 
+    it.skipIf(backend.name !== "postgresql")("refuses to add the task counts at any isolation level but read committed, where the first count could miss writes for good", async () => {
+      const options = await backend.fresh();
+      const role = uniqueName("repeatable").toLowerCase();
+      await backend.exec(options, `create role "${role}" login superuser`);
+      await backend.exec(options, `alter role "${role}" set default_transaction_isolation = 'repeatable read'`);
+      try {
+        const url = new URL(TEST_POSTGRES_URL);
+        url.username = role;
+        await expect(createPersistence({ ...options, url: url.toString() })).rejects.toThrow(/must run at read committed isolation, not repeatable read/);
+        // Nothing of it was kept: the migration runs again, and completes, at read committed.
+        const db = await openDb(options);
+        expect(await db.tasks.countByStatus()).toEqual({ pending: 0, assigned: 0, completed: 0, failed: 0, cancelled: 0 });
+      } finally {
+        await backend.exec(options, `drop owned by "${role}" cascade`);
+        await backend.exec(options, `drop role "${role}"`);
+      }
+    });
+
     it.skipIf(backend.name !== "postgresql")("folds the counts of ended database sessions into one row per status, and leaves live sessions' rows and the totals alone", async () => {
       const options = await backend.fresh();
       const ended = await createPersistence(options);
