@@ -4,7 +4,7 @@
  * sharing PostgreSQL + Redis.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { BACKENDS, changeByHand, eventually, startServer, type TestServer } from "../support/server.js";
+import { BACKENDS, byHand, eventually, startServer, type TestServer } from "../support/server.js";
 import { TEST_REDIS_URL } from "../support/services.js";
 import { TcpProxy } from "../support/tcp-proxy.js";
 import * as grpc from "@grpc/grpc-js";
@@ -114,7 +114,7 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     await agent.waitForFrame("task_assignment");
     const watch = watchTask(s.port, id);
     await eventually(() => watch.seen.length > 0, 5000, "the watch's first state");
-    await changeByHand(s, "update tasks set status = 'cancelled' where task_id = $1", [id]);
+    await byHand(s, "update tasks set status = 'cancelled' where task_id = $1", [id]);
     await eventually(() => watch.ended, 5000, "the watch ended");
     expect(watch.seen).toEqual(["TASK_STATUS_ASSIGNED", "TASK_STATUS_CANCELLED"]);
     watch.close();
@@ -123,6 +123,22 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     const next = await postTask(s, { task_type: "qa", description: "the freed slot takes this" });
     await agent.waitFor((x) => x.assignments.some((t) => t.taskId === next), 5000, "freed slot used");
     expect(s.logs.lines).toContainEqual(expect.objectContaining({ msg: "lease lost without notice; telling the agent to stop", task_id: id, status: "cancelled" }));
+  });
+
+  it.skipIf(!available || name === "embedded")("a starting instance folds the task counts of database sessions that have ended, and the metrics stay exact", async () => {
+    const a = await start(name);
+    const ids = [await postTask(a, { task_type: "qa", description: "counted" }), await postTask(a, { task_type: "qa", description: "cancelled by hand" })];
+    // A session of its own adds to a row of its own, left behind when it ends.
+    const [{ pid }] = (await byHand(a, "update tasks set status = 'cancelled' where task_id = $1 returning pg_backend_pid() as pid", [ids[1]!])) as [{ pid: number }];
+    await eventually(async () => (await byHand(a, "select 1 from pg_stat_activity where pid = $1", [pid])).length === 0, 5000, "the session gone");
+    const left = await byHand(a, "select status, n from task_status_counts where slot = $1 order by status", [pid]);
+    expect(left.map((r) => [r.status, Number(r.n)])).toEqual([["cancelled", 1], ["pending", -1]]);
+    const b = await start(name, { shareWith: a, env: { SWEEP_INTERVAL_MS: "50" } });
+    await eventually(async () => (await byHand(b, "select 1 from task_status_counts where slot = $1", [pid])).length === 0, 5000, "its rows folded");
+    for (const s of [a, b]) {
+      const m = (await (await fetch(`${s.baseUrl}/metrics`)).json()) as { tasks: Record<string, number> };
+      expect(m.tasks).toMatchObject({ pending: 1, cancelled: 1 });
+    }
   });
 
   it.skipIf(!available || name === "embedded")("an instance whose clock is off from the database's says so, naming the offset", async () => {

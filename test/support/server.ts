@@ -139,24 +139,23 @@ export async function startServer(backend: BackendName, options: StartOptions = 
 /**
  * Runs a statement on the server's database from a connection of its own, as
  * an operator would by hand: the service hears nothing of it. Parameters are
- * written `$1`, `$2`, … on both backends.
+ * written `$1`, `$2`, … on both backends. Returns the rows it answered.
  */
-export async function changeByHand(s: TestServer, sql: string, params: Array<string | number> = []): Promise<void> {
+export async function byHand(s: TestServer, sql: string, params: Array<string | number> = []): Promise<Array<Record<string, unknown>>> {
   if (s.data.sqliteFile) {
     const db = new DatabaseSync(s.data.sqliteFile, { timeout: 10_000 });
     try {
       // SQLite numbers its parameters ?1, ?2, …
-      db.prepare(sql.replace(/\$(\d+)/g, "?$1")).run(...params);
+      return db.prepare(sql.replace(/\$(\d+)/g, "?$1")).all(...params) as Array<Record<string, unknown>>;
     } finally {
       db.close();
     }
-    return;
   }
   const client = new pg.Client({ connectionString: TEST_POSTGRES_URL, connectionTimeoutMillis: 10_000 });
   await client.connect();
   try {
     await client.query(`SET search_path TO "${s.data.schema}"`);
-    await client.query(sql, params);
+    return (await client.query(sql, params)).rows as Array<Record<string, unknown>>;
   } finally {
     await client.end();
   }
