@@ -1,8 +1,9 @@
 /**
  * Fault scenarios on the orchestrator side: `kill -9` mid-run and restart,
  * two instances where the survivor picks up, SIGTERM mid-run (drain, grace,
- * hand-back), and a late completion after a lease expired while its instance
- * was frozen. Each ends by checking the books.
+ * hand-back), a late completion after a lease expired while its instance
+ * was frozen, and an instance cut off from PostgreSQL while another takes
+ * its lease. Each ends by checking the books.
  */
 import { describe, expect, it } from "vitest";
 import {
@@ -10,13 +11,16 @@ import {
   checkBooks,
   eventually,
   expectRefused,
+  postgresTarget,
   postTask,
+  proxiedDatabaseUrl,
   summarize,
   taskRow,
   taskRpc,
   FAULT_BACKENDS,
   scenarioPerTest,
 } from "./harness.js";
+import { TcpProxy } from "../support/tcp-proxy.js";
 
 const BACKENDS = FAULT_BACKENDS;
 const scenario = scenarioPerTest();
@@ -178,6 +182,29 @@ describe.each(BACKENDS)("orchestrator faults on $backend", ({ backend, available
       await expectRefused(s, again, () => again.complete(id, { by: "slow" }, 1));
     }
     await checkBooks(s, { servers: [a, b], result: { [id]: { by: "fast", attempt: 2 } } });
+    await summarize(s);
+  });
+
+  it.skipIf(!available || backend === "embedded")("an instance cut off from PostgreSQL loses a lease to another; back, it tells its agent to stop", { timeout: 60_000 }, async () => {
+    const s = await scenario("instance cut off from PostgreSQL", backend);
+    const proxy = await TcpProxy.start(postgresTarget());
+    s.onCleanup(() => proxy.close());
+    const a = await s.startServer({ DATABASE_URL: proxiedDatabaseUrl(s.backend, proxy.port) }, "instance A");
+    const b = await s.startServer({}, "instance B");
+    const stranded = await s.agent(a, { agentId: "stranded-worker" });
+    const id = await s.createTask(a, { description: "leased on A" });
+    await stranded.waitForFrame("task_assignment");
+    // A keeps its agent's stream and heartbeats, but can no longer renew the lease.
+    proxy.cut();
+    await eventually(async () => (await taskRow(s, id))?.failed_attempts === 1, 15_000, "B's sweeper takes the lease back");
+    const rescuer = await s.agent(b, { autoComplete: (x) => ({ by: "B", attempt: x.attempt }) });
+    await rescuer.waitForFrame("completion_ack");
+    proxy.restore();
+    // Nothing announced this to A while it was cut off: its renewal finds the lease gone.
+    await stranded.waitFor((x) => x.frames.some((f) => f.type === "task_cancelled" && f.taskId === id), 15_000, "the stranded agent told to stop");
+    expect(stranded.closed).toBe(false);
+    await expectRefused(s, stranded, () => stranded.complete(id, { by: "A" }, 1));
+    await checkBooks(s, { servers: [a, b], result: { [id]: { by: "B", attempt: 2 } } });
     await summarize(s);
   });
 });
