@@ -273,10 +273,13 @@ export class AgentSession {
    * it for `attempt` (`now`: the task as read, undefined if deleted): a cancel
    * or a take-over this instance never heard of, or a change by hand. The
    * agent is told to stop and the slot is freed. A result being recorded
-   * decides the task instead, and a lease that moved on meanwhile is left alone.
+   * decides the task instead, and a lease that moved on meanwhile is left
+   * alone. Completed by this agent at this attempt, the task holds the
+   * agent's own result, whose write was reported as failed but committed.
    */
   leaseGone(taskId: string, attempt: number, now: TaskRecord | undefined): void {
     if (this.state !== "active" || this.held.get(taskId)?.attempt !== attempt || this.settling.has(taskId)) return;
+    if (now?.status === "completed" && now.agentId === this.agentId && now.attempt === attempt) return this.recordedAfterAll(now);
     this.log.warn({ task_id: taskId, attempt, status: now?.status ?? "deleted", holder: now?.agentId, holder_attempt: now?.attempt }, "lease lost without notice; telling the agent to stop");
     this.forget(taskId);
     this.send({ type: "task_cancelled", taskId });

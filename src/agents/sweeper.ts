@@ -86,14 +86,17 @@ export class Sweeper {
   private stopped = false;
   private nextCatchUpAt = 0;
   private nextClockCheckAt = 0;
+  /** Announcements reported missed so far: a step under way when one is reported must not push the next look back. */
+  private missedReports = 0;
   private stopListening: (() => void) | undefined;
 
   constructor(private readonly o: SweeperOptions) {}
 
   start(): void {
     this.stopListening = this.o.events.onMissed(() => {
+      this.missedReports++;
       this.nextCatchUpAt = 0;
-      // Checks every held task, since a lost cancel shows up as a lease not renewed.
+      // A renewal at once: a lost cancel or take-over shows up as a lease it cannot renew.
       this.lastRenewal = 0;
     });
     this.schedule();
@@ -116,13 +119,29 @@ export class Sweeper {
     // Only tasks a live session here really holds are renewed or spared: a
     // lease written for a task that never reached its agent must run out.
     const held = sessions.flatMap((session) => [...session.held.values()].map(({ taskId, attempt }) => ({ taskId, agentId: session.agentId, attempt, session })));
-    await this.step("renew leases", () => this.renew(now, held, sessions.map((s) => s.agentId)));
+    const reports = this.missedReports;
+    let notRenewed: Held[] = [];
+    await this.step("renew leases", async () => {
+      notRenewed = await this.renew(now, held, sessions.map((s) => s.agentId));
+    });
+    if (notRenewed.length > 0) {
+      await this.step("check the leases it could not renew", async () => {
+        try {
+          await this.checkHeld(notRenewed);
+        } catch (e: unknown) {
+          // Renewed, and looked at, again at the next pass.
+          this.lastRenewal = 0;
+          throw e;
+        }
+      });
+    }
     if (now.getTime() >= this.nextCatchUpAt) {
       await this.step("re-read the tasks watched here", async () => {
         await this.refreshWatched();
-        this.nextCatchUpAt = now.getTime() + this.o.leaseTtlMs / 3;
+        if (this.missedReports === reports) this.nextCatchUpAt = now.getTime() + this.o.leaseTtlMs / 3;
       });
     }
+    if (this.missedReports !== reports) this.lastRenewal = 0;
     await this.step("expire leases", () => this.expireLeases(now, new Set(held.map((h) => h.taskId))));
     await this.step("queue due retries", () => this.queueDueRetries(now));
     if (this.o.databaseTime && now.getTime() >= this.nextClockCheckAt) {
@@ -149,15 +168,17 @@ export class Sweeper {
     }
   }
 
-  /** Renewing at a third of the lease leaves two more chances before it lapses. */
-  private async renew(now: Date, held: Held[], agentIds: string[]): Promise<void> {
-    if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return;
+  /**
+   * Renewing at a third of the lease leaves two more chances before it
+   * lapses. Returns the held tasks it did not renew: rows a writer had
+   * locked are skipped too, so that is only a reason to look.
+   */
+  private async renew(now: Date, held: Held[], agentIds: string[]): Promise<Held[]> {
+    if (now.getTime() - this.lastRenewal < this.o.leaseTtlMs / 3) return [];
     const renewed = new Set(await this.o.tasks.renewLeases(held, new Date(now.getTime() + this.o.leaseTtlMs)));
     await this.o.agents.touchHeartbeats(agentIds, now);
     this.lastRenewal = now.getTime();
-    // Rows a writer had locked are skipped too, so this is only a reason to look.
-    const notRenewed = held.filter((h) => !renewed.has(h.taskId));
-    if (notRenewed.length > 0) await this.checkHeld(notRenewed);
+    return held.filter((h) => !renewed.has(h.taskId));
   }
 
   /** Tells each session of the tasks it holds that are no longer leased to it for the attempt it holds. */
@@ -174,9 +195,10 @@ export class Sweeper {
    * Whether a lease has run out is judged by the clock of the instance that
    * looks, against an expiry the holder's instance wrote from its own clock.
    * A lease is renewed a third of the way through, so two instances whose
-   * clocks differ by two thirds of it would take back live leases and run
-   * their tasks twice. Keeping each within a sixth of the database's clock
-   * keeps every pair within a third. Measured against the middle of the
+   * clocks differ by two thirds of it (less a sweep interval) would take
+   * back live leases and run their tasks twice. Keeping each within a sixth
+   * of the database's clock keeps every pair within a third, where a lease
+   * still survives one missed renewal. Measured against the middle of the
    * round trip, and reported only beyond what the round trip can explain.
    */
   private async checkClock(databaseTime: () => Promise<Date>): Promise<void> {

@@ -294,12 +294,12 @@ export function createTaskRepository(deps: TaskWriter): TaskRepository {
 
     async renewLeases(held, leaseExpiresAt) {
       if (held.length === 0) return [];
-      const pairs = held.map(() => "(?, ?)").join(", ");
-      const params = held.flatMap((h) => [h.taskId, h.agentId]);
+      const leases = held.map(() => "(?, ?, cast(? as integer))").join(", ");
+      const params = held.flatMap((h) => [h.taskId, h.agentId, h.attempt]);
       const em = deps.fork();
       const tasks = tasksTable(em);
       const rows = await em.execute<Array<{ task_id: string }>>(
-        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id) in (values ${pairs})${skipLocked}) returning task_id`,
+        `update ${tasks} set lease_expires_at = ? where task_id in (select task_id from ${tasks} where status = 'assigned' and (task_id, agent_id, attempt) in (values ${leases})${skipLocked}) returning task_id`,
         [leaseExpiresAt, ...params],
         "all",
       );

@@ -113,12 +113,17 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   };
   let subscribed = false;
   sub.subscribe(channel).then(
-    () => (subscribed = true),
+    () => {
+      subscribed = true;
+      // Redis may have been away at start-up while others announced changes.
+      missed();
+    },
     (e: unknown) => warn(e, "task event subscriber could not subscribe"),
   );
-  // A reconnect: ioredis subscribes again on its own; subscribing once more
-  // tells us when that is done, and what was published while the connection
-  // was down can only be read from the database.
+  // A reconnect: ioredis subscribes again on its own before it emits
+  // `ready`, so this second subscribe is answered after that one, and tells
+  // us when the subscription is back. What was published while the
+  // connection was down can only be read from the database.
   sub.on("ready", () => {
     if (!subscribed || closing) return;
     sub.subscribe(channel).then(missed, (e: unknown) => warn(e, "task event subscriber could not subscribe again"));

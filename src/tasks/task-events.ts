@@ -35,7 +35,8 @@ export interface TaskEvents {
    * Gives the watchers of a task its state as just read from the database,
    * for changes that were never announced to them: lost over pub/sub while a
    * connection to Redis was down, or made by hand. Watchers that have seen it
-   * already ignore it; the all-changes listeners do not hear it.
+   * already ignore it. The all-changes listeners do not hear it: what they
+   * act on (a cancel reaching a holder) is caught through the holder's lease.
    */
   refresh(task: TaskRecord): void;
   /**

@@ -7,6 +7,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { BACKENDS, byHand, eventually, startServer, type TestServer } from "../support/server.js";
 import { TEST_REDIS_URL } from "../support/services.js";
 import { TcpProxy } from "../support/tcp-proxy.js";
+import { Redis } from "ioredis";
 import * as grpc from "@grpc/grpc-js";
 import { GrpcAgent, WsAgent, grpcClient, unary, type TestAgent } from "../support/clients.js";
 
@@ -144,14 +145,13 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
   it.skipIf(!available || name === "embedded")("an instance whose clock is off from the database's says so, naming the offset", async () => {
     const warns = (l: Record<string, unknown>) => String(l.msg).startsWith("this instance's clock is off from the database's");
     const env = { SWEEP_INTERVAL_MS: "50" };
-    const ahead = await start(name, { env, clock: () => new Date(Date.now() + 60_000) });
-    const onTime = await start(name, { env, shareWith: ahead });
+    const onTime = await start(name, { env });
+    const ahead = await start(name, { env, shareWith: onTime, clock: () => new Date(Date.now() + 60_000) });
     const line = await eventually(() => ahead.logs.lines.find(warns), 5000, "the warning");
     // A sixth of the default lease (30 s).
     expect(line).toMatchObject({ limit_ms: 5000 });
     expect(Math.abs(Number(line.clock_offset_ms) - 60_000)).toBeLessThan(1000);
-    // The other instance has compared its clock too, on its first sweeps, and found nothing to say.
-    await new Promise((r) => setTimeout(r, 300));
+    // The instance on time, started first, has compared its clock as early in its sweeps, and found nothing to say.
     expect(onTime.logs.lines.filter(warns)).toEqual([]);
   });
 
@@ -232,18 +232,27 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
       const proxied = await start(name, { env, shareWith: direct, redisUrl: viaProxy.toString() });
       const [watching, changing] = cutOff === "watching" ? [proxied, direct] : [direct, proxied];
       try {
+        // Each instance re-reads once its first subscription is made: let that pass, so that
+        // from here on only a lost announcement is caught up.
+        const redis = new Redis(TEST_REDIS_URL);
+        try {
+          const subscribers = async () => ((await redis.pubsub("NUMSUB", `{${direct.data.prefix}}:events`)) as [string, number])[1];
+          await eventually(async () => (await subscribers()) === 2, 5000, "both instances subscribed");
+        } finally {
+          redis.disconnect();
+        }
+        await new Promise((r) => setTimeout(r, 200));
         const agent = track(await GrpcAgent.connect(changing.port, { capabilities: ["qa"] }));
         const id = await postTask(changing, { task_type: "qa", description: "completed while announcements are lost" });
         await agent.waitForFrame("task_assignment");
         const watch = watchTask(watching.port, id);
         await eventually(() => watch.seen.length > 0, 5000, "the watch's first state");
         proxy.cut();
-        // The servers run in this process: let their clients see the connections drop.
-        await new Promise((r) => setTimeout(r, 100));
+        await eventually(async () => (await fetch(`${proxied.baseUrl}/health`)).status === 503, 5000, "the cut-off instance sees Redis gone");
         agent.complete(id, {});
         await agent.waitForFrame("completion_ack");
+        // The announcement was lost on the way (what comes below fails if it was not)...
         await new Promise((r) => setTimeout(r, 300));
-        // The announcement was lost on the way...
         expect(watch.seen).toEqual(["TASK_STATUS_ASSIGNED"]);
         proxy.restore();
         // ...and the watcher catches up once the connection is back.

@@ -553,7 +553,7 @@ for (const backend of backends) {
       await db.tasks.release(d.taskId, "agent-1", 1, "handed back", later(2));
       await db.tasks.cancel(e.taskId, later(2), null);
       // A write that changes no status counts nothing.
-      expect(await db.tasks.renewLeases([{ taskId: handed.taskId, agentId: "agent-1" }], later(60_000))).toEqual([handed.taskId]);
+      expect(await db.tasks.renewLeases([{ taskId: handed.taskId, agentId: "agent-1", attempt: 1 }], later(60_000))).toEqual([handed.taskId]);
       expect(await db.tasks.countByStatus()).toEqual({ pending: 3, assigned: 1, completed: 1, failed: 0, cancelled: 1 });
       expect(await db.tasks.countByStatus()).toEqual(await countedByHand(options));
 
@@ -890,8 +890,9 @@ for (const backend of backends) {
       for (const t of [a, b]) await db.tasks.insert(t, created(t));
       await db.tasks.assign(a.taskId, "agent-a", later(1), null, later(1000));
       await db.tasks.assign(b.taskId, "agent-b", later(1), null, later(1000));
-      // Not b's holder: b is not renewed.
-      expect(await db.tasks.renewLeases([{ taskId: a.taskId, agentId: "agent-a" }, { taskId: b.taskId, agentId: "agent-a" }], later(5000))).toEqual([a.taskId]);
+      // Not b's holder, nor a's current attempt: neither is renewed.
+      expect(await db.tasks.renewLeases([{ taskId: a.taskId, agentId: "agent-a", attempt: 2 }, { taskId: b.taskId, agentId: "agent-a", attempt: 1 }], later(5000))).toEqual([]);
+      expect(await db.tasks.renewLeases([{ taskId: a.taskId, agentId: "agent-a", attempt: 1 }, { taskId: b.taskId, agentId: "agent-a", attempt: 1 }], later(5000))).toEqual([a.taskId]);
       expect(await db.tasks.renewLeases([], later(5000))).toEqual([]);
       expect((await db.tasks.listExpiredLeases(later(2000), 10)).map((t) => t.taskId)).toEqual([b.taskId]);
       expect(await db.tasks.listExpiredLeases(later(500), 10)).toEqual([]);

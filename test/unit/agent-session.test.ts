@@ -139,4 +139,20 @@ describe("agent session: slots around results", () => {
     expect(s.session.freeSlots).toBe(1);
     expect(s.freed() - freedBefore).toBe(1);
   });
+
+  it("a lease found ended by the agent's own completion (its write reported failed, but committed) is acknowledged, not cancelled", async () => {
+    const s = await oneSlotSession({ complete: async () => null, get: async () => null });
+    s.session.deliver(task(T1));
+    const done = { ...task(T1), status: "completed" as const, result: { ok: true } };
+    s.session.leaseGone(T1, 1, done);
+    expect(s.sent.at(-1)).toEqual({ type: "completion_ack", taskId: T1 });
+    expect(s.sent.map((m) => m.type)).not.toContain("task_cancelled");
+    // Announced, since nobody had.
+    expect(s.published).toEqual([done]);
+    expect(s.session.freeSlots).toBe(1);
+    // Completed by someone else at a later attempt: the agent is told to stop.
+    s.session.deliver(task(T2));
+    s.session.leaseGone(T2, 1, { ...task(T2), status: "completed", agentId: "agent-2", attempt: 2 });
+    expect(s.sent.at(-1)).toEqual({ type: "task_cancelled", taskId: T2 });
+  });
 });
