@@ -87,9 +87,8 @@ export interface TaskRepository {
    * Extends the leases of these held tasks, each only while it is still
    * assigned to the given holder for the given attempt (the same agent id
    * may hold a later attempt through another instance). Returns the ids of
-   * those renewed. Rows another writer has
-   * locked are skipped: they are changing anyway, and the next renewal
-   * catches any that stay assigned.
+   * those renewed. Rows another writer has locked are skipped: they are
+   * changing anyway, and the next renewal catches any that stay assigned.
    */
   renewLeases(held: ReadonlyArray<{ taskId: string; agentId: string; attempt: number }>, leaseExpiresAt: Date): Promise<string[]>;
   /** Assigned tasks whose lease ran out before `now` (their holder is gone), oldest lease first. */
