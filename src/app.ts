@@ -177,6 +177,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       agents: agentService,
       latency,
       pingDatabase: () => persistence.ping(),
+      repairQueue,
       clock,
       startedAt: clock(),
     }),

@@ -53,6 +53,8 @@ export function createMetricsService(o: {
   agents: AgentService;
   latency: LatencyWindow;
   pingDatabase: () => Promise<void>;
+  /** Asks for the queue to be rebuilt from the database. */
+  repairQueue: (reason: string) => void;
   clock: () => Date;
   startedAt: Date;
 }) {
@@ -93,7 +95,10 @@ export function createMetricsService(o: {
       // into 503s while this said "ok".
       const queueUsable = async () => {
         await o.queue.ping();
-        if (!(await o.queue.intact())) throw new Error("lost its data; being rebuilt from the database");
+        if (await o.queue.intact()) return;
+        // Found here first (a flush with no reconnect): the rebuild need not wait for the periodic check.
+        o.repairQueue("the health check found the queue without its data");
+        throw new Error("lost its data; being rebuilt from the database");
       };
       const [database, queue] = await Promise.all([probe(o.pingDatabase), probe(queueUsable)]);
       return { healthy: database === "ok" && queue === "ok", components: { database, queue } };

@@ -79,9 +79,9 @@ describe("backend faults on postgres+redis", () => {
     await summarize(s);
   });
 
-  it.skipIf(!privateRedisOk)("Redis FLUSHDB: /health says the queue is unusable until the rebuild, which a refused create asks for", { timeout: 60_000 }, async () => {
+  it.skipIf(!privateRedisOk)("Redis FLUSHDB: /health says the queue is unusable, and asks for the rebuild itself", { timeout: 60_000 }, async () => {
     const { s, redis } = await withPrivateRedis("Redis FLUSHDB health");
-    // No periodic check: only the refused create below can start the rebuild.
+    // No periodic check, and no create: only /health can start the rebuild.
     const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
     const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
     expect((await getJson(server, "/health")).status).toBe(200);
@@ -92,12 +92,35 @@ describe("backend faults on postgres+redis", () => {
     const h = await getJson<{ status: string; components: { queue: string; database: string } }>(server, "/health");
     expect(h.status).toBe(503);
     expect(h.body.components).toEqual({ database: "ok", queue: expect.stringMatching(/^unavailable: lost its data/) });
-    const refused = await postTask(server, { description: "refused while the queue is gone" });
-    expect(refused.status, JSON.stringify(refused.body)).toBe(503);
 
     await eventually(async () => (await getJson(server, "/health")).status === 200, 10_000, "/health ok after the rebuild");
     // Healthy means usable: a create right after succeeds and queues behind the older task.
     const after = await s.createTask(server, { description: "created once healthy", priority: 5 });
+    const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
+    await agent.waitForFrame("completion_ack", 2, 15_000);
+    expect(agent.assignments.map((a) => a.taskId)).toEqual([queued, after]);
+    await checkBooks(s, { servers: [server] });
+    await summarize(s);
+  });
+
+  it.skipIf(!privateRedisOk)("Redis FLUSHDB: a refused create asks for the rebuild, and creates work again once it has begun", { timeout: 60_000 }, async () => {
+    const { s, redis } = await withPrivateRedis("Redis FLUSHDB create");
+    // No periodic check, and no /health request: only the refused create can start the rebuild.
+    const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
+    const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
+    const admin = new Redis(redis.url);
+    s.onCleanup(() => admin.disconnect());
+    await admin.flushdb();
+    const refused = await postTask(server, { description: "refused while the queue is gone" });
+    expect(refused.status, JSON.stringify(refused.body)).toBe(503);
+    let after: string | undefined;
+    await eventually(async () => {
+      const res = await postTask(server, { description: "created once rebuilt", priority: 5 });
+      if (res.status === 201) after = (res.body as { task_id: string }).task_id;
+      else expect(res.status, JSON.stringify(res.body)).toBe(503);
+      return after;
+    }, 10_000, "a create accepted after the rebuild");
+    s.created.push(after!);
     const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
     await agent.waitForFrame("completion_ack", 2, 15_000);
     expect(agent.assignments.map((a) => a.taskId)).toEqual([queued, after]);
