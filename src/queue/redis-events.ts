@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { Redis } from "ioredis";
-import { TaskListeners, type TaskEvents, type TaskState } from "../tasks/task-events.js";
+import { stateOf, TaskListeners, type TaskEvents, type TaskState } from "../tasks/task-events.js";
 import { isTaskStatus, type TaskRecord } from "../tasks/task-types.js";
 import type { QueueLog } from "./in-process-queue.js";
 
@@ -37,8 +37,7 @@ const MAX_WIRE_ERROR = 1024;
 
 function toWire(task: TaskRecord): WireState | undefined {
   if ((task.status !== "pending" && task.status !== "assigned") || (task.error?.length ?? 0) > MAX_WIRE_ERROR) return undefined;
-  const { description: _description, metadata: _metadata, ...state } = task;
-  const wire = state as unknown as Record<string, unknown>;
+  const wire = stateOf(task) as unknown as Record<string, unknown>;
   for (const k of DATE_KEYS) wire[k] = task[k]?.getTime() ?? null;
   return wire as WireState;
 }

@@ -3,6 +3,10 @@ import type { TaskRecord } from "./task-types.js";
 /** A task as committed, less what never changes after it was created (and can be large). */
 export type TaskState = Omit<TaskRecord, "description" | "metadata">;
 
+export function stateOf({ description: _description, metadata: _metadata, ...state }: TaskRecord): TaskState {
+  return state;
+}
+
 /**
  * What changed: enough to route the news (which task, which holder, which
  * state), and, where the publisher sent it, the state as committed, so a
@@ -80,8 +84,7 @@ export class TaskListeners {
 
   /** Carried as a state, so a watcher compares it with what it has seen, as it does a remote change. */
   refresh(task: TaskRecord): void {
-    const { description: _description, metadata: _metadata, ...state } = task;
-    const change: TaskChange = { taskId: task.taskId, status: task.status, agentId: task.agentId, attempt: task.attempt, updatedAt: task.updatedAt, state };
+    const change: TaskChange = { taskId: task.taskId, status: task.status, agentId: task.agentId, attempt: task.attempt, updatedAt: task.updatedAt, state: stateOf(task) };
     for (const l of this.byTask.get(task.taskId) ?? []) l(change);
   }
 }

@@ -39,6 +39,30 @@ async function withPrivateRedis(name: string): Promise<{ s: Scenario; redis: Pri
   return { s, redis };
 }
 
+/**
+ * A server with no periodic queue check and one task queued, then its Redis
+ * flushed: only what the test does next can start the rebuild.
+ */
+async function flushedWithOneTask(name: string) {
+  const { s, redis } = await withPrivateRedis(name);
+  const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
+  const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
+  expect((await getJson(server, "/health")).status).toBe(200);
+  const admin = new Redis(redis.url);
+  s.onCleanup(() => admin.disconnect());
+  await admin.flushdb();
+  return { s, server, queued };
+}
+
+/** One agent runs `ids` in that order, and the books check out. */
+async function expectRunInOrder(s: Scenario, server: ChildServer, ids: string[]): Promise<void> {
+  const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
+  await agent.waitForFrame("completion_ack", ids.length, 15_000);
+  expect(agent.assignments.map((a) => a.taskId)).toEqual(ids);
+  await checkBooks(s, { servers: [server] });
+  await summarize(s);
+}
+
 const queueDepth = async (server: ChildServer) => (await getJson<{ queue_depth: { total: number } }>(server, "/metrics")).body.queue_depth.total;
 
 /** Priorities created in this order; the expected run order is priority desc, then FIFO. */
@@ -80,15 +104,8 @@ describe("backend faults on postgres+redis", () => {
   });
 
   it.skipIf(!privateRedisOk)("Redis FLUSHDB: /health says the queue is unusable, and asks for the rebuild itself", { timeout: 60_000 }, async () => {
-    const { s, redis } = await withPrivateRedis("Redis FLUSHDB health");
-    // No periodic check, and no create: only /health can start the rebuild.
-    const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
-    const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
-    expect((await getJson(server, "/health")).status).toBe(200);
-
-    const admin = new Redis(redis.url);
-    s.onCleanup(() => admin.disconnect());
-    await admin.flushdb();
+    // No create after the flush: only /health can start the rebuild.
+    const { s, server, queued } = await flushedWithOneTask("Redis FLUSHDB health");
     const h = await getJson<{ status: string; components: { queue: string; database: string } }>(server, "/health");
     expect(h.status).toBe(503);
     expect(h.body.components).toEqual({ database: "ok", queue: expect.stringMatching(/^unavailable: lost its data/) });
@@ -96,21 +113,12 @@ describe("backend faults on postgres+redis", () => {
     await eventually(async () => (await getJson(server, "/health")).status === 200, 10_000, "/health ok after the rebuild");
     // Healthy means usable: a create right after succeeds and queues behind the older task.
     const after = await s.createTask(server, { description: "created once healthy", priority: 5 });
-    const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
-    await agent.waitForFrame("completion_ack", 2, 15_000);
-    expect(agent.assignments.map((a) => a.taskId)).toEqual([queued, after]);
-    await checkBooks(s, { servers: [server] });
-    await summarize(s);
+    await expectRunInOrder(s, server, [queued, after]);
   });
 
   it.skipIf(!privateRedisOk)("Redis FLUSHDB: a refused create asks for the rebuild, and creates work again once it has begun", { timeout: 60_000 }, async () => {
-    const { s, redis } = await withPrivateRedis("Redis FLUSHDB create");
-    // No periodic check, and no /health request: only the refused create can start the rebuild.
-    const server = await s.startServer({ RECONCILE_INTERVAL_MS: "3600000" });
-    const queued = await s.createTask(server, { description: "queued before the flush", priority: 5 });
-    const admin = new Redis(redis.url);
-    s.onCleanup(() => admin.disconnect());
-    await admin.flushdb();
+    // No /health request after the flush: only the refused create can start the rebuild.
+    const { s, server, queued } = await flushedWithOneTask("Redis FLUSHDB create");
     const refused = await postTask(server, { description: "refused while the queue is gone" });
     expect(refused.status, JSON.stringify(refused.body)).toBe(503);
     let after: string | undefined;
@@ -121,11 +129,7 @@ describe("backend faults on postgres+redis", () => {
       return after;
     }, 10_000, "a create accepted after the rebuild");
     s.created.push(after!);
-    const agent = await s.agent(server, { autoComplete: () => ({ ok: true }) });
-    await agent.waitForFrame("completion_ack", 2, 15_000);
-    expect(agent.assignments.map((a) => a.taskId)).toEqual([queued, after]);
-    await checkBooks(s, { servers: [server] });
-    await summarize(s);
+    await expectRunInOrder(s, server, [queued, after!]);
   });
 
   it.skipIf(!privateRedisOk)("Redis refusing writes (maxmemory): creates 503 with nothing written; a retried task the queue refused runs once Redis takes writes again", { timeout: 60_000 }, async () => {

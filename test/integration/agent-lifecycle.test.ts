@@ -199,16 +199,15 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
     const b = await start(name, { shareWith: a });
     const agentOnB = track(await GrpcAgent.connect(b.port, { capabilities: ["qa"] }));
     const watched = await postTask(a, { task_type: "qa", description: "watched from A" });
-    const tc = grpcClient("TaskService", a.port);
-    const stream = (tc as unknown as { WatchTask(r: object): grpc.ClientReadableStream<{ task: { status: string } }> }).WatchTask({ task_id: watched });
-    const seen: string[] = [];
-    const ended = new Promise<void>((resolve) => stream.on("end", resolve));
-    stream.on("data", (m) => seen.push(m.task.status));
+    const watch = watchTask(a.port, watched);
     await agentOnB.waitForFrame("task_assignment");
     agentOnB.complete(watched, {});
-    await ended;
+    await eventually(() => watch.ended, 10_000, "the watch ended");
+    watch.close();
+    const { seen } = watch;
     expect(seen).toEqual(["TASK_STATUS_PENDING", "TASK_STATUS_ASSIGNED", "TASK_STATUS_COMPLETED"].slice(seen[0] === "TASK_STATUS_PENDING" ? 0 : 1));
     expect(seen.at(-1)).toBe("TASK_STATUS_COMPLETED");
+    const tc = grpcClient("TaskService", a.port);
     // Cancelled through A while B's agent holds it: the agent is told and its slot freed.
     const held = await postTask(a, { task_type: "qa", description: "cancelled from A" });
     await agentOnB.waitFor((x) => x.assignments.some((t) => t.taskId === held), 5000, "second assignment");
