@@ -95,8 +95,10 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   const listeners = new TaskListeners();
   const common = { maxRetriesPerRequest: 0, enableOfflineQueue: false, retryStrategy: (n: number) => Math.min(100 * 2 ** Math.min(n, 5), 2000) };
   const pub = new Redis(options.url, { ...common, lazyConnect: false, enableAutoPipelining: true });
-  // The subscriber waits for Redis as long as it takes and re-subscribes after every reconnect.
-  const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: true, retryStrategy: common.retryStrategy });
+  // The subscriber waits for Redis as long as it takes. It subscribes on
+  // every connect itself: ioredis's own re-subscribe leaves its reply
+  // unhandled, and a close before that reply would be an unhandled rejection.
+  const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: false, retryStrategy: common.retryStrategy });
   let warnedAt = 0;
   const warn = (e: unknown, msg: string) => {
     if (Date.now() - warnedAt < 30_000) return;
@@ -110,22 +112,13 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   const missed = () => {
     for (const l of missedListeners) l();
   };
-  let subscribed = false;
-  sub.subscribe(channel).then(
-    () => {
-      subscribed = true;
-      // Redis may have been away at start-up while others announced changes.
-      missed();
-    },
-    (e: unknown) => warn(e, "task event subscriber could not subscribe"),
-  );
-  // A reconnect: ioredis subscribes again on its own before it emits
-  // `ready`, so this second subscribe is answered after that one, and tells
-  // us when the subscription is back. What was published while the
-  // connection was down can only be read from the database.
+  // What was published while there was no subscription (Redis away at
+  // start-up, or a reconnect) can only be read from the database.
   sub.on("ready", () => {
-    if (!subscribed || closing) return;
-    sub.subscribe(channel).then(missed, (e: unknown) => warn(e, "task event subscriber could not subscribe again"));
+    if (closing) return;
+    sub.subscribe(channel).then(missed, (e: unknown) => {
+      if (!closing) warn(e, "task event subscriber could not subscribe");
+    });
   });
   sub.on("message", (_channel: string, message: string) => {
     // Our own batches come back too; the origin prefix skips them unparsed.

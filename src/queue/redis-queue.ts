@@ -254,32 +254,40 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
 
   function subscribe(): void {
     if (subscriber) return;
-    // The subscriber may wait for Redis as long as it takes (offline queue, no
-    // command timeout, unlimited retries): nobody awaits it, and once SUBSCRIBE
-    // has succeeded ioredis re-subscribes by itself after every reconnect.
+    // The subscriber may wait for Redis as long as it takes (no command
+    // timeout, unlimited retries): nobody awaits it. It subscribes on every
+    // connect itself: ioredis's own re-subscribe leaves its reply unhandled,
+    // and a close before that reply would be an unhandled rejection.
     const sub = client.duplicate({
       enableOfflineQueue: true,
       enableAutoPipelining: false,
       commandTimeout: undefined,
       maxRetriesPerRequest: null,
-      autoResubscribe: true,
-      // Resending an interrupted SUBSCRIBE is harmless, and without it the subscription would be lost.
-      autoResendUnfulfilledCommands: true,
+      autoResubscribe: false,
+      // The next connect subscribes anyway.
+      autoResendUnfulfilledCommands: false,
     });
     subscriber = sub;
     watchConnection(sub, "subscriber", log, isClosing);
     let readyCount = 0;
     sub.on("ready", () => {
-      // Any ready after the first is a reconnect: signals may have been missed meanwhile.
-      if (++readyCount > 1) for (const type of TASK_TYPES) notifyListeners(listeners, type, log);
+      if (closing) return;
+      // Any ready after the first is a reconnect: signals may have been missed
+      // meanwhile. Announced once subscribed, so no signal falls in between.
+      const reconnect = ++readyCount > 1;
+      sub.subscribe(channel).then(
+        () => {
+          if (reconnect && !closing) for (const type of TASK_TYPES) notifyListeners(listeners, type, log);
+        },
+        (e: unknown) => {
+          if (!closing) log?.warn({ err: e, channel }, "redis queue could not subscribe");
+        },
+      );
     });
     sub.on("message", (_channel: string, message: string) => {
       const [type, from] = message.split("|");
       if (from === origin || !isTaskType(type)) return;
       notifyListeners(listeners, type, log);
-    });
-    sub.subscribe(channel).catch((e: unknown) => {
-      if (!closing) log?.warn({ err: e, channel }, "redis queue could not subscribe");
     });
   }
 

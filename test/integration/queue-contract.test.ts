@@ -7,6 +7,7 @@ import { TASK_TYPES, type TaskRecord, type TaskType } from "../../src/tasks/task
 import { stateOf, taskRecord } from "../support/records.js";
 import { redisAvailable, TEST_REDIS_URL, uniqueName } from "../support/services.js";
 import { freePort, hasRedisServer, PrivateRedis } from "../support/private-redis.js";
+import { TcpProxy } from "../support/tcp-proxy.js";
 
 /** Every Redis prefix this file used, so afterAll can delete exactly its keys. */
 const usedPrefixes: string[] = [];
@@ -611,6 +612,67 @@ describe("redis task events", () => {
     } finally {
       raw.disconnect();
       await Promise.all([a.close(), b.close()]);
+    }
+  });
+});
+
+describe.skipIf(!redisAvailable)("redis subscriptions closed while being made again after a reconnect", () => {
+  /**
+   * ioredis (5.11) re-subscribes by itself after a reconnect without handling
+   * the reply, so a close before that reply rejected a promise nobody held:
+   * an unhandled rejection, which ends a Node process.
+   */
+  async function closeWhileResubscribing(connect: (url: string) => { subscribed: () => Promise<unknown>; close: () => Promise<void> }) {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown) => unhandled.push(e);
+    process.on("unhandledRejection", onUnhandled);
+    const target = new URL(TEST_REDIS_URL);
+    const proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port || 6379) });
+    try {
+      const viaProxy = new URL(TEST_REDIS_URL);
+      viaProxy.hostname = "127.0.0.1";
+      viaProxy.port = String(proxy.port);
+      const client = connect(viaProxy.toString());
+      await client.subscribed();
+      proxy.cut();
+      proxy.holdRepliesAfter("subscribe");
+      proxy.restore();
+      await vi.waitFor(() => expect(proxy.holdingReplies).toBe(true), { timeout: 10_000, interval: 20 });
+      // Closing sends QUIT; its reply is held too, so the connection is dropped as the server would drop it.
+      const closed = client.close();
+      await new Promise((r) => setTimeout(r, 50));
+      proxy.cut();
+      await closed;
+      // Rejections are reported once the microtask queue has run dry.
+      await new Promise((r) => setTimeout(r, 100));
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      await proxy.close();
+    }
+  }
+
+  it("task events", async () => {
+    await closeWhileResubscribing((url) => {
+      const events = createRedisTaskEvents({ url, prefix: newPrefix() });
+      // The first subscription's catch-up call says it is made.
+      const made = new Promise<void>((resolve) => events.onMissed(resolve));
+      return { subscribed: () => made, close: () => events.close() };
+    });
+  });
+
+  it("the queue's availability signals", async () => {
+    const admin = new Redis(TEST_REDIS_URL);
+    try {
+      await closeWhileResubscribing((url) => {
+        const prefix = newPrefix();
+        const q = createRedisQueue({ url, prefix });
+        q.onAvailable(() => {});
+        const subscribed = () => vi.waitFor(async () => expect((await admin.pubsub("NUMSUB", `{${prefix}}:available`))[1]).toBe(1), { timeout: 5000, interval: 20 });
+        return { subscribed, close: () => q.close() };
+      });
+    } finally {
+      admin.disconnect();
     }
   });
 });

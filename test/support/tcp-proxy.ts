@@ -9,8 +9,10 @@ import net from "node:net";
  * accepted and reset at once, as a crashed or restarting database looks to a
  * client); `restore()` forwards again. `holdReplies()` lets requests through
  * but keeps the backend's answers until `releaseReplies()`: a command that
- * has run but whose reply is still on its way. Listens on 127.0.0.1 on a
- * free port.
+ * has run but whose reply is still on its way. `holdRepliesAfter(text)`
+ * starts holding the moment a request containing `text` goes through, for a
+ * reply that is late exactly where a test needs it. Listens on 127.0.0.1 on
+ * a free port.
  */
 export class TcpProxy {
   private readonly sockets = new Set<net.Socket>();
@@ -18,6 +20,7 @@ export class TcpProxy {
   private readonly replies = new Map<net.Socket, net.Socket>();
   private isCut = false;
   private holding = false;
+  private holdAfter: string | undefined;
   /** Connections refused while cut, for assertions and reports. */
   refused = 0;
 
@@ -65,6 +68,13 @@ export class TcpProxy {
     upstream.on("error", drop).on("close", drop);
     this.replies.set(upstream, client);
     client.pipe(upstream);
+    // After the pipe's own listener: the request is on its way before its reply is held.
+    client.on("data", (chunk: Buffer) => {
+      if (this.holdAfter !== undefined && chunk.toString("latin1").includes(this.holdAfter)) {
+        this.holdAfter = undefined;
+        this.holdReplies();
+      }
+    });
     if (!this.holding) upstream.pipe(client);
   }
 
@@ -76,6 +86,16 @@ export class TcpProxy {
       upstream.unpipe(client);
       upstream.pause();
     }
+  }
+
+  /** Holds replies from when a request containing `text` next goes through (its own reply included). */
+  holdRepliesAfter(text: string): void {
+    this.holdAfter = text;
+  }
+
+  /** Whether replies are being held. */
+  get holdingReplies(): boolean {
+    return this.holding;
   }
 
   /** Delivers the held replies and forwards again; safe to call twice (a second pipe would send every reply twice). */
