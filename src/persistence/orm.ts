@@ -3,7 +3,7 @@ import path from "node:path";
 import { MikroORM, type Options } from "@mikro-orm/core";
 import { Migrator } from "@mikro-orm/migrations";
 import { PostgreSqlDriver, type PostgreSqlConnection } from "@mikro-orm/postgresql";
-import { NodeSqliteDialect, SqliteDriver, type EntityManager } from "@mikro-orm/sql";
+import { SqliteDriver, type EntityManager } from "@mikro-orm/sql";
 import type { AgentRepository, TaskRepository } from "../tasks/task-repository.js";
 import { createAgentRepository } from "./agent-repository.js";
 import { ENTITIES } from "./entities/index.js";
@@ -17,6 +17,7 @@ import { Migration20261126000000HolderIndex as PostgresHolderIndex } from "./mig
 import { Migration20261126000000HolderIndex as SqliteHolderIndex } from "./migrations/sqlite/Migration20261126000000HolderIndex.js";
 import { Migration20261127000000StatusCounts as PostgresStatusCounts } from "./migrations/postgresql/Migration20261127000000StatusCounts.js";
 import { Migration20261127000000StatusCounts as SqliteStatusCounts } from "./migrations/sqlite/Migration20261127000000StatusCounts.js";
+import { KeepingSqliteDialect } from "./sqlite-dialect.js";
 import { describeSchemaProblems, expectedSchema, findSchemaProblems } from "./schema-check.js";
 import { createGroupCommit } from "./group-commit.js";
 import { createStatementBatcher } from "./statement-batcher.js";
@@ -146,7 +147,7 @@ function ormOptions(target: Target, schema: string | undefined, { lockTimeoutMs,
       ...common,
       driver: SqliteDriver,
       dbName: target.file,
-      driverOptions: new NodeSqliteDialect(target.file),
+      driverOptions: new KeepingSqliteDialect(target.file),
       migrations,
     };
   }

@@ -1,5 +1,7 @@
 import { isRaw } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/sql";
+import { CompiledQuery } from "kysely";
+import type { TaskState } from "../tasks/task-events.js";
 import { isTaskStatus, isTaskType, type JsonObject, type TaskRecord, type TaskStatus } from "../tasks/task-types.js";
 import { uuidv7 } from "../ids.js";
 import { AuditLog } from "./entities/audit-log.entity.js";
@@ -14,9 +16,10 @@ import type { SetTemplate } from "./statement-batcher.js";
  * goes through a group commit. On PostgreSQL each kind of change is a
  * set-based `SetTemplate` over arrays of values: the changes of one batch
  * that have the same shape become ONE statement, parsed and planned once.
- * On SQLite a change is a short unit of work with `?` placeholders inside
- * the batch's transaction. Column names are those of the migrations;
- * `rowToRecord` maps a raw row in either dialect's value format.
+ * On SQLite a change is a short unit of work with bound `?` placeholders
+ * inside the batch's transaction, each shape compiled once. Column names
+ * are those of the migrations; `rowToRecord` maps a raw row in either
+ * dialect's value format.
  */
 
 /** Task property → column, as created by the migrations. */
@@ -532,12 +535,27 @@ function insertStatement(t: Tables, values: Record<TaskProperty, unknown>, audit
  */
 function withAudit(t: Tables, statement: { sql: string; params: unknown[] }, audits: readonly AuditSpec[]): (tx: EntityManager) => Promise<TaskRecord | null> {
   return async (tx) => {
-    const rows = await tx.execute<TaskRow[]>(statement.sql, statement.params, "all");
+    const rows = await bound(tx, statement.sql, statement.params);
     if (!rows[0]) return null;
     const after = rowToRecord(rows[0]);
-    for (const audit of audits) await tx.execute(t.insertAuditSql, auditValues(audit, after), "run");
+    for (const audit of audits) await bound(tx, t.insertAuditSql, auditValues(audit, after));
     return after;
   };
+}
+
+/**
+ * SQLite: runs `sql` in `tx`'s transaction with its values bound, not
+ * written into the text as `tx.execute` does, so the dialect compiles each
+ * shape once (see sqlite-dialect.ts). Errors are the ORM's, as from
+ * `execute`; the ORM's query log and slow-query log do not see these
+ * statements, as they never saw the PostgreSQL batches.
+ */
+async function bound(tx: EntityManager, sql: string, params: unknown[]): Promise<TaskRow[]> {
+  try {
+    return (await tx.getKysely().executeQuery<TaskRow>(CompiledQuery.raw(sql, params))).rows;
+  } catch (e: unknown) {
+    throw e instanceof Error ? tx.getDriver().convertException(e) : e;
+  }
 }
 
 /** SQLite: `UPDATE tasks SET … WHERE task_id = ? AND <expected> RETURNING *`. */
