@@ -217,11 +217,14 @@ export class Sweeper {
   private async refreshWatched(): Promise<void> {
     const watched = this.o.events.watched();
     if (watched.length === 0) return;
-    for (const task of await this.o.tasks.getMany(watched)) this.o.events.refresh(task);
+    for (const state of await this.o.tasks.getStates(watched)) this.o.events.refresh(state);
   }
 
   private async expireLeases(now: Date, heldHere: Set<string>): Promise<void> {
     for (const task of await this.o.tasks.listExpiredLeases(now, BATCH)) {
+      // Each take-back is a commit of its own: a closing instance stops
+      // between two rather than spend its grace period on a whole batch.
+      if (this.stopped) return;
       if (heldHere.has(task.taskId)) {
         // Held by a live session here: the renewal was late (e.g. the
         // database was briefly away), not a dead holder. Renew next pass.

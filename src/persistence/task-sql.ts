@@ -120,6 +120,18 @@ function toStringOrNull(value: unknown): string | null {
 
 /** A raw `tasks` row (e.g. from RETURNING *) as a TaskRecord. */
 export function rowToRecord(row: TaskRow): TaskRecord {
+  // Completed in place: this runs for every write on the hot path.
+  const record = rowToState(row) as TaskRecord;
+  record.description = String(row.description);
+  record.metadata = parseObject(row.metadata_json) ?? {};
+  return record;
+}
+
+/** The properties of a `TaskState`: every column but the two a task is created with and that can be large. */
+export const STATE_PROPERTIES = (Object.keys(TASK_COLUMNS) as TaskProperty[]).filter((p) => p !== "description" && p !== "metadataJson");
+
+/** A raw `tasks` row, with or without `description` and `metadata_json`, as a TaskState. */
+export function rowToState(row: TaskRow): TaskState {
   const taskId = String(row.task_id);
   const taskType = row.task_type;
   const status = row.status;
@@ -128,9 +140,7 @@ export function rowToRecord(row: TaskRow): TaskRecord {
   return {
     taskId,
     taskType,
-    description: String(row.description),
     priority: Number(row.priority),
-    metadata: parseObject(row.metadata_json) ?? {},
     status,
     agentId: toStringOrNull(row.agent_id),
     attempt: Number(row.attempt),

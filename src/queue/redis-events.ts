@@ -167,7 +167,7 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),
     watched: () => listeners.watched(),
-    refresh: (task) => listeners.refresh(task),
+    refresh: (state) => listeners.refresh(state),
     onMissed(listener) {
       missedListeners.add(listener);
       return () => missedListeners.delete(listener);

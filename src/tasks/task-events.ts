@@ -42,7 +42,7 @@ export interface TaskEvents {
    * already ignore it. The all-changes listeners do not hear it: what they
    * act on (a cancel reaching a holder) is caught through the holder's lease.
    */
-  refresh(task: TaskRecord): void;
+  refresh(state: TaskState): void;
   /**
    * Called when announcements from other instances may have been missed (the
    * subscription was re-established after its connection dropped, or an
@@ -83,9 +83,9 @@ export class TaskListeners {
   }
 
   /** Carried as a state, so a watcher compares it with what it has seen, as it does a remote change. */
-  refresh(task: TaskRecord): void {
-    const change: TaskChange = { taskId: task.taskId, status: task.status, agentId: task.agentId, attempt: task.attempt, updatedAt: task.updatedAt, state: stateOf(task) };
-    for (const l of this.byTask.get(task.taskId) ?? []) l(change);
+  refresh(state: TaskState): void {
+    const change: TaskChange = { taskId: state.taskId, status: state.status, agentId: state.agentId, attempt: state.attempt, updatedAt: state.updatedAt, state };
+    for (const l of this.byTask.get(state.taskId) ?? []) l(change);
   }
 }
 
@@ -97,7 +97,7 @@ export function createLocalTaskEvents(): TaskEvents {
     subscribe: (taskId, listener) => listeners.subscribe(taskId, listener),
     subscribeAll: (listener) => listeners.subscribeAll(listener),
     watched: () => listeners.watched(),
-    refresh: (task) => listeners.refresh(task),
+    refresh: (state) => listeners.refresh(state),
     // Every change is made here and heard at once: nothing can be missed.
     onMissed: () => () => undefined,
     close: async () => undefined,

@@ -1,3 +1,4 @@
+import type { TaskState } from "./task-events.js";
 import type { JsonObject, TaskRecord, TaskStatus, TaskType } from "./task-types.js";
 
 /** What a state change is recorded as in `audit_logs`. */
@@ -64,6 +65,8 @@ export interface TaskRepository {
   get(taskId: string): Promise<TaskRecord | null>;
   /** The tasks of these ids that exist, in no particular order. */
   getMany(taskIds: readonly string[]): Promise<TaskRecord[]>;
+  /** As `getMany`, without the description and metadata, which never change and can be large. */
+  getStates(taskIds: readonly string[]): Promise<TaskState[]>;
   list(filter: ListTasksFilter): Promise<TaskRecord[]>;
   /** pending → assigned to `agentId`, attempt + 1, leased until `leaseExpiresAt`. */
   assign(taskId: string, agentId: string, now: Date, correlationId: string | null, leaseExpiresAt: Date): Promise<TaskRecord | null>;
