@@ -286,7 +286,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
   fastify.addHook("onClose", async () => {
     clearTimeout(forceTimer);
     // Before the database closes under it.
-    if (!(await settleWithin(config.shutdownGraceMs, sweeper.close()))) log.warn("deleting finished tasks did not end in time");
+    if (!(await settleWithin(config.shutdownGraceMs, sweeper.close()))) log.warn("the sweeper did not finish its step under way in time");
     // A backend that stopped answering must not keep the process from exiting.
     if (!(await settleWithin(config.shutdownGraceMs, Promise.all([queue.close(), events.close()])))) log.warn("queue did not close in time");
     if (!(await settleWithin(config.shutdownGraceMs, persistence.close()))) log.warn("database did not close in time");

@@ -83,6 +83,7 @@ export class Sweeper {
   /** Where the current round of deletes resumes: rows before it were deleted or are not due. */
   private pruneFrom: Date | undefined;
   private pruning: Promise<void> | undefined;
+  private sweeping: Promise<void> | undefined;
   private stopped = false;
   private nextCatchUpAt = 0;
   private nextClockCheckAt = 0;
@@ -108,8 +109,13 @@ export class Sweeper {
     this.timer.unref();
   }
 
-  /** One pass; each step's failure is logged and retried next time. */
-  async sweep(): Promise<void> {
+  /** One pass at a time; each step's failure is logged and retried next time. */
+  sweep(): Promise<void> {
+    if (this.stopped) return Promise.resolve();
+    return (this.sweeping ??= this.pass().finally(() => (this.sweeping = undefined)));
+  }
+
+  private async pass(): Promise<void> {
     // First, so that work whose announcement was lost (another instance's,
     // over pub/sub) never waits behind the database steps below.
     this.o.dispatcher.recheck();
@@ -161,6 +167,9 @@ export class Sweeper {
   }
 
   private async step(what: string, work: () => Promise<void>): Promise<void> {
+    // A pass under way when the sweeper closes ends after its current step:
+    // close() waits for it, and the database is about to close.
+    if (this.stopped) return;
     try {
       await work();
     } catch (e: unknown) {
@@ -275,11 +284,15 @@ export class Sweeper {
     this.nextPruneAt = full ? 0 : now.getTime() + Math.min(PRUNE_IDLE_MAX_MS, retentionMs / 4);
   }
 
-  /** Stops sweeping; resolves once a delete still running has ended. Safe to call twice. */
-  close(): Promise<void> {
+  /**
+   * Stops sweeping; resolves once the step under way and a delete still
+   * running have ended, so none of them meets a closed database. Safe to
+   * call twice.
+   */
+  async close(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
     this.stopListening?.();
-    return this.pruning ?? Promise.resolve();
+    await Promise.allSettled([this.sweeping, this.pruning]);
   }
 }

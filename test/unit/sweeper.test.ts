@@ -8,18 +8,19 @@ import { describe, expect, it } from "vitest";
 import { Sweeper, type SweeperOptions } from "../../src/agents/sweeper.js";
 import { createLogger } from "../../src/telemetry/logger.js";
 
-function harness() {
+function harness(tasks: Record<string, unknown> = {}) {
   let reportMissed: () => void = () => {};
-  let duringRenewal: () => void = () => {};
+  let duringRenewal: () => unknown = () => {};
   const calls = { renewals: 0, reads: 0 };
+  let passes = 0;
   const options = {
     tasks: {
       renewLeases: async () => {
         calls.renewals++;
-        duringRenewal();
+        await duringRenewal();
         return [];
       },
-      getMany: async () => {
+      getStates: async () => {
         calls.reads++;
         return [];
       },
@@ -27,11 +28,12 @@ function harness() {
       listDueRetries: async () => [],
       markQueued: async () => undefined,
       foldStatusCounts: async () => undefined,
+      ...tasks,
     },
     agents: { touchHeartbeats: async () => undefined },
     queue: {},
-    events: { onMissed: (l: () => void) => ((reportMissed = l), () => undefined), watched: () => ["watched-task"], refresh: () => undefined },
-    dispatcher: { recheck: () => undefined, list: () => [] },
+    events: { publish: () => undefined, onMissed: (l: () => void) => ((reportMissed = l), () => undefined), watched: () => ["watched-task"], refresh: () => undefined },
+    dispatcher: { recheck: () => void passes++, list: () => [] },
     log: createLogger({ level: "silent" }),
     clock: () => new Date(),
     // Sweeps run only when the test calls them.
@@ -41,7 +43,7 @@ function harness() {
   } as unknown as SweeperOptions;
   const sweeper = new Sweeper(options);
   sweeper.start();
-  return { sweeper, calls, reportMissed: () => reportMissed(), during: (f: () => void) => (duringRenewal = f) };
+  return { sweeper, calls, passes: () => passes, reportMissed: () => reportMissed(), during: (f: () => unknown) => (duringRenewal = f) };
 }
 
 describe("sweeper: looking again after missed announcements", () => {
@@ -69,5 +71,52 @@ describe("sweeper: looking again after missed announcements", () => {
     await h.sweeper.sweep();
     expect(h.calls).toEqual({ renewals: 2, reads: 2 });
     await h.sweeper.close();
+  });
+});
+
+describe("sweeper: closing", () => {
+  it("waits for the step under way and runs none after it", async () => {
+    const h = harness();
+    let finishRenewal = () => {};
+    const renewing = new Promise<void>((started) => h.during(() => new Promise<void>((r) => ((finishRenewal = r), started()))));
+    const pass = h.sweeper.sweep();
+    await renewing;
+    let closed = false;
+    const closing = h.sweeper.close().then(() => (closed = true));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(closed).toBe(false);
+    finishRenewal();
+    await closing;
+    await pass;
+    // The re-read of watched tasks comes after the renewal in a pass.
+    expect(h.calls).toEqual({ renewals: 1, reads: 0 });
+  });
+});
+
+describe("sweeper: closing while taking back expired leases", () => {
+  it("stops between two take-backs, and a pass asked for once closed does nothing", async () => {
+    const expired = ["a", "b", "c"].map((taskId) => ({ taskId, agentId: "gone", attempt: 1, failedAttempts: 0 }));
+    let tookBack = 0;
+    let started = () => {};
+    let finish = () => {};
+    const firstStarted = new Promise<void>((r) => (started = r));
+    const h = harness({
+      listExpiredLeases: async () => expired,
+      retryOrFail: async (taskId: string) => {
+        tookBack++;
+        started();
+        await new Promise<void>((r) => (finish = r));
+        return { taskId, status: "pending" };
+      },
+    });
+    const pass = h.sweeper.sweep();
+    await firstStarted;
+    const closing = h.sweeper.close();
+    finish();
+    await closing;
+    await pass;
+    expect(tookBack).toBe(1);
+    await h.sweeper.sweep();
+    expect(h.passes()).toBe(1);
   });
 });
