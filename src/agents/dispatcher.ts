@@ -9,7 +9,11 @@ import type { AgentSession } from "./agent-session.js";
 /** Most tasks one session claims per round: bounds a queue call and a batch of lease writes. */
 const MAX_CLAIM = 64;
 
-/** Most sessions a create looks at for a free slot, so its cost stays flat with 10,000 busy agents. */
+/**
+ * Most sessions a create looks at for a free slot, so its cost stays flat
+ * with 10,000 busy agents. The first create after an agent comes or goes
+ * also walks to where the last scan stopped (see `cursor`): once per change.
+ */
 const HAND_OFF_SCAN = 64;
 
 /**
@@ -92,8 +96,15 @@ export class Dispatcher {
    * check cannot see it.
    */
   private readonly claimingFor = new Set<AgentSession>();
-  /** Where the last hand-off's scan of the sessions stopped, so agents take turns. */
+  /**
+   * The hand-off scan's place in `sessions`, so agents take turns. Dropped
+   * whenever a session comes or goes: a live Map iterator keeps every table
+   * the map has outgrown, and every session in them, until it moves on, and
+   * an instance that hosts agents but takes no creates never moves it.
+   */
   private cursor: Iterator<AgentSession> | undefined;
+  /** The agent the scan looked at last, where a new cursor resumes. */
+  private scannedLast: string | undefined;
 
   constructor(private readonly o: DispatcherOptions) {
     this.unsubscribe = [
@@ -120,6 +131,7 @@ export class Dispatcher {
   attach(session: AgentSession): void {
     const previous = this.sessions.get(session.agentId);
     this.sessions.set(session.agentId, session);
+    this.cursor = undefined;
     if (previous && previous !== session) {
       // The same agent id connected again: the newest stream wins and the
       // old one's leases go back to the queue.
@@ -130,7 +142,9 @@ export class Dispatcher {
   }
 
   detach(session: AgentSession): void {
-    if (this.sessions.get(session.agentId) === session) this.sessions.delete(session.agentId);
+    if (this.sessions.get(session.agentId) !== session) return;
+    this.sessions.delete(session.agentId);
+    this.cursor = undefined;
   }
 
   private readonly slotListeners = new Set<() => void>();
@@ -154,19 +168,31 @@ export class Dispatcher {
   reserve(taskType: TaskType): HandOff | undefined {
     if (this.stopped) return undefined;
     for (let looked = 0; looked < Math.min(HAND_OFF_SCAN, this.sessions.size); looked++) {
-      let next = this.cursor?.next();
-      if (!next || next.done) {
-        this.cursor = this.sessions.values();
-        next = this.cursor.next();
-        if (next.done) return undefined;
-      }
-      const session = next.value;
+      const session = this.nextToScan();
+      if (!session) return undefined;
       const eligible = session.freeSlots > 0 && session.capabilities.includes(taskType) && !this.claimingFor.has(session);
       if (eligible && session.capabilities.every((t) => this.dryTypes.has(t))) {
         return this.handOffTo(session);
       }
     }
     return undefined;
+  }
+
+  private nextToScan(): AgentSession | undefined {
+    if (!this.cursor) {
+      this.cursor = this.sessions.values();
+      if (this.scannedLast !== undefined && this.sessions.has(this.scannedLast)) {
+        for (let at = this.cursor.next(); !at.done && at.value.agentId !== this.scannedLast; at = this.cursor.next());
+      }
+    }
+    let next = this.cursor.next();
+    if (next.done) {
+      this.cursor = this.sessions.values();
+      next = this.cursor.next();
+      if (next.done) return undefined;
+    }
+    this.scannedLast = next.value.agentId;
+    return next.value;
   }
 
   private handOffTo(session: AgentSession): HandOff {

@@ -3,6 +3,8 @@
  * reconnects, a server that shuts down or restarts, and several instances
  * sharing PostgreSQL + Redis.
  */
+import v8 from "node:v8";
+import vm from "node:vm";
 import { afterEach, describe, expect, it } from "vitest";
 import { BACKENDS, byHand, eventually, startServer, type TestServer } from "../support/server.js";
 import { TEST_REDIS_URL } from "../support/services.js";
@@ -267,4 +269,41 @@ describe.each(BACKENDS)("agent lifecycle on $name", ({ name, available }) => {
       }
     });
   }
+});
+
+describe("agent sessions that end", () => {
+  it("are freed, also while a hand-off has its place among the sessions and no create moves it on", async () => {
+    // A full collection on demand, for WeakRefs to tell what is still held.
+    v8.setFlagsFromString("--expose-gc");
+    const gc = vm.runInNewContext("gc") as () => void;
+    const s = await start("embedded");
+    const first = track(await WsAgent.connect(s.port, { agentId: "stays", capabilities: ["code"] }));
+    // Handed straight to the idle agent: the scan now has its place among the sessions.
+    await postTask(s, { task_type: "code", description: "hand me over" });
+    await first.waitForFrame("task_assignment");
+    // In a function of its own, so that no variable of this test's frame holds a session.
+    const refsTo = (prefix: string) => s.app.dispatcher.list().flatMap((session) => (session.agentId.startsWith(prefix) ? [new WeakRef(session)] : []));
+    const ended: Array<WeakRef<object>> = [];
+    // Enough comings and goings for the sessions' table to grow and shrink several times.
+    for (let round = 0; round < 4; round++) {
+      const batch = await Promise.all(Array.from({ length: 60 }, (_, i) => WsAgent.connect(s.port, { agentId: `passing-${round}-${i}`, capabilities: ["research"] })));
+      ended.push(...refsTo(`passing-${round}-`));
+      await Promise.all(batch.map((a) => a.end()));
+      await eventually(() => s.app.dispatcher.list().length === 1, 5000, "the sessions closed");
+    }
+    expect(ended).toHaveLength(240);
+    let held = ended.length;
+    await eventually(
+      async () => {
+        // A new job: a WeakRef keeps its target alive until the job that made or read it ends.
+        await new Promise((r) => setTimeout(r, 50));
+        gc();
+        held = ended.filter((r) => r.deref() !== undefined).length;
+        return held === 0;
+      },
+      10_000,
+      "ended sessions collected",
+    ).catch(() => undefined);
+    expect(held).toBe(0);
+  });
 });
