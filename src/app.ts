@@ -214,7 +214,7 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     // Router-level refusals (over-long ids, malformed URLs) in our error shape too.
     frameworkErrors: (e, _req, reply) => void sendError(reply, e),
     serverFactory: (handler) => {
-      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, log, grpc });
+      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, http2IdleTimeoutMs: config.http2IdleTimeoutMs, log, grpc });
       return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
     },
   });

@@ -3,6 +3,8 @@ import { z } from "zod";
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
 
 const durationMs = (fallback: number) => z.coerce.number().int().positive().default(fallback);
+// A duration a timer waits for: at most what a Node timer takes, since a longer delay fires after 1 ms.
+const timerMs = (fallback: number) => z.coerce.number().int().positive().max(2_147_483_647).default(fallback);
 
 /**
  * The environment, validated. Unknown variables are ignored; a bad value stops
@@ -27,15 +29,17 @@ const ConfigSchema = z
     /** Hash-tagged key prefix, so several deployments can share one Redis. */
     REDIS_PREFIX: z.string().regex(/^[A-Za-z0-9_.:-]+$/).default("aaos"),
     LOG_LEVEL: z.enum(LOG_LEVELS).default("info"),
-    HEARTBEAT_INTERVAL_MS: durationMs(10_000),
+    HEARTBEAT_INTERVAL_MS: timerMs(10_000),
     /** An agent silent for longer than this is closed and its tasks re-queued. */
-    HEARTBEAT_TIMEOUT_MS: durationMs(30_000),
+    HEARTBEAT_TIMEOUT_MS: timerMs(30_000),
     /** How long a new connection may take to show whether it speaks HTTP/2 or HTTP/1.1. */
-    SNIFF_TIMEOUT_MS: durationMs(10_000),
+    SNIFF_TIMEOUT_MS: timerMs(10_000),
+    /** How long an HTTP/2 connection may stay open with no stream on it. */
+    HTTP2_IDLE_TIMEOUT_MS: timerMs(5 * 60_000),
     /** How long a held task's lease lasts; renewed while its agent's session is alive. Default: HEARTBEAT_TIMEOUT_MS. */
     LEASE_TTL_MS: z.coerce.number().int().positive().optional(),
     /** How often expired leases, execution timeouts and due retries are looked for. */
-    SWEEP_INTERVAL_MS: durationMs(1_000),
+    SWEEP_INTERVAL_MS: timerMs(1_000),
     /** Execution timeout of one attempt, for tasks that set none. */
     TASK_TIMEOUT_MS: durationMs(60 * 60_000),
     /** First retry delay; doubles per failed attempt, with jitter, up to RETRY_MAX_MS. */
@@ -53,9 +57,9 @@ const ConfigSchema = z
     MAX_RESULT_BYTES: z.coerce.number().int().min(2).max(64 * 1024 * 1024).default(1024 * 1024),
     MAX_JSON_DEPTH: z.coerce.number().int().min(1).max(1000).default(32),
     /** How often to check that the queue (Redis) still holds its data; it is rebuilt from the database if not. */
-    RECONCILE_INTERVAL_MS: durationMs(5_000),
+    RECONCILE_INTERVAL_MS: timerMs(5_000),
     /** How long shutdown waits for in-flight requests before closing them. */
-    SHUTDOWN_GRACE_MS: durationMs(10_000),
+    SHUTDOWN_GRACE_MS: timerMs(10_000),
     /**
      * PostgreSQL: how long a statement waits for a lock (a row another
      * session holds, a migration's table lock) before it fails with
@@ -101,6 +105,7 @@ export interface Config {
   readonly heartbeatIntervalMs: number;
   readonly heartbeatTimeoutMs: number;
   readonly sniffTimeoutMs: number;
+  readonly http2IdleTimeoutMs: number;
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
   readonly dbLockTimeoutMs: number;
@@ -161,6 +166,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     heartbeatIntervalMs: c.HEARTBEAT_INTERVAL_MS,
     heartbeatTimeoutMs: c.HEARTBEAT_TIMEOUT_MS,
     sniffTimeoutMs: c.SNIFF_TIMEOUT_MS,
+    http2IdleTimeoutMs: c.HTTP2_IDLE_TIMEOUT_MS,
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
     dbLockTimeoutMs: c.DB_LOCK_TIMEOUT_MS,

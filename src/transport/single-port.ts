@@ -23,14 +23,17 @@ export interface SinglePortServer {
  * has no HTTP/1.1 fallback, so we read just enough to compare with the
  * HTTP/2 connection preface, put the bytes back, and hand the socket over. A
  * client that sends nothing within `sniffTimeoutMs` is dropped, and at most
- * 24 bytes are ever buffered.
+ * 24 bytes are ever buffered. An HTTP/2 connection with no stream open for
+ * `http2IdleTimeoutMs` is closed (GOAWAY): a client may hold connections
+ * for reuse, but not keep sockets for ever by opening them and going quiet.
+ * A long-lived stream (an agent's session, a watch) keeps its connection.
  *
  * On HTTP/2, each stream goes its own way: gRPC calls to `grpc` when it
  * serves them, everything else to the handler (Fastify, Connect).
  */
 export function createSinglePortServer(
   handler: http.RequestListener,
-  options: { sniffTimeoutMs: number; log: Logger; grpc?: GrpcHost },
+  options: { sniffTimeoutMs: number; http2IdleTimeoutMs: number; log: Logger; grpc?: GrpcHost },
 ): SinglePortServer {
   const h1 = http.createServer(handler);
   const h2Handler = handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void;
@@ -51,7 +54,24 @@ export function createSinglePortServer(
   const sessions = new Set<http2.Http2Session>();
   h2.on("session", (s) => {
     sessions.add(s);
-    s.once("close", () => sessions.delete(s));
+    let open = 0;
+    let idle: NodeJS.Timeout | undefined;
+    const idleFromNow = () => {
+      idle = setTimeout(() => s.close(), options.http2IdleTimeoutMs);
+      idle.unref();
+    };
+    idleFromNow();
+    s.on("stream", (stream) => {
+      open++;
+      clearTimeout(idle);
+      stream.once("close", () => {
+        if (--open === 0 && !s.closed && !s.destroyed) idleFromNow();
+      });
+    });
+    s.once("close", () => {
+      clearTimeout(idle);
+      sessions.delete(s);
+    });
   });
   h2.on("sessionError", (e) => options.log.debug({ err: e }, "http/2 session error"));
   h1.on("clientError", (e, socket) => {

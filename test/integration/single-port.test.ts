@@ -110,6 +110,50 @@ describe("single port: sniffing HTTP/2 and HTTP/1.1", () => {
     expect((await fetch(`${s.baseUrl}/health`)).status).toBe(200);
   });
 
+  it("an HTTP/2 connection with no stream is closed after HTTP2_IDLE_TIMEOUT_MS; one with a quiet stream open is not", async () => {
+    s = await startServer("embedded", { env: { HTTP2_IDLE_TIMEOUT_MS: "300" } });
+    // The preface and an empty SETTINGS frame, then nothing.
+    const quiet = rawSocket(s.port);
+    await quiet.connected;
+    quiet.socket.write(Buffer.concat([PREFACE, Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])]));
+    await eventually(() => quiet.state.closed, 5000, "the idle connection closed");
+    expect(quiet.state.closedAt - quiet.state.connectedAt).toBeGreaterThanOrEqual(250);
+    // A GOAWAY frame (type 7) before the close.
+    expect(quiet.state.data.includes(Buffer.from([7, 0, 0, 0, 0, 0]))).toBe(true);
+    // A connection with a stream open stays usable however long the stream is quiet.
+    const session = http2.connect(s.baseUrl);
+    let goaway = false;
+    session.on("goaway", () => (goaway = true));
+    session.on("error", () => undefined);
+    try {
+      const pending = session.request({ ":method": "POST", ":path": "/aaos.v1.TaskService/ListTasks", "content-type": "application/json" });
+      pending.on("error", () => undefined);
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(goaway).toBe(false);
+      const res = await h2Request(session, "/aaos.v1.TaskService/ListTasks", "{}");
+      expect(res.status).toBe(200);
+      pending.end("{}");
+    } finally {
+      session.close();
+    }
+    // So does an agent's session stream.
+    const agent = await GrpcAgent.connect(s.port, { capabilities: ["code"] });
+    try {
+      await new Promise((r) => setTimeout(r, 1000));
+      const created = await fetch(`${s.baseUrl}/tasks`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ task_type: "code", description: "after a quiet while" }) });
+      expect(created.status).toBe(201);
+      await agent.waitForFrame("task_assignment");
+    } finally {
+      agent.kill();
+    }
+    // A gRPC client whose connection was closed while idle calls again on a new one.
+    const hc = grpcClient("Health", s.port);
+    expect(await unary(hc, "Check", { service: "" })).toMatchObject({ status: "SERVING" });
+    await new Promise((r) => setTimeout(r, 800));
+    expect(await unary(hc, "Check", { service: "" })).toMatchObject({ status: "SERVING" });
+    hc.close();
+  });
+
   it("garbage bytes get an HTTP/1.1 400 or a closed connection, and the server keeps serving both protocols", async () => {
     s = await startServer("embedded", { env: { SNIFF_TIMEOUT_MS: "200" } });
     for (const garbage of [Buffer.from([0x00, 0xff, 0x13, 0x37, 0x0d, 0x0a, 0x0d, 0x0a]), Buffer.from("PRI * HTTP/1.9\r\n\r\nXX\r\n\r\n"), Buffer.from("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")]) {

@@ -48,6 +48,9 @@ describe("loadConfig", () => {
     [{ HEARTBEAT_INTERVAL_MS: "-5" }, "HEARTBEAT_INTERVAL_MS"],
     [{ HEARTBEAT_INTERVAL_MS: "5000", HEARTBEAT_TIMEOUT_MS: "4000" }, "HEARTBEAT_TIMEOUT_MS"],
     [{ REDIS_PREFIX: "a{b}" }, "REDIS_PREFIX"],
+    // Longer than a Node timer can wait: it would fire at once.
+    [{ HTTP2_IDLE_TIMEOUT_MS: "2147483648" }, "HTTP2_IDLE_TIMEOUT_MS"],
+    [{ SNIFF_TIMEOUT_MS: "3000000000" }, "SNIFF_TIMEOUT_MS"],
     [{ DB_LOCK_TIMEOUT_MS: "-1" }, "DB_LOCK_TIMEOUT_MS"],
     [{ DB_LOCK_TIMEOUT_MS: "3000000000" }, "DB_LOCK_TIMEOUT_MS"],
     [{ DB_STATEMENT_TIMEOUT_MS: "soon" }, "DB_STATEMENT_TIMEOUT_MS"],
