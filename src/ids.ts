@@ -51,3 +51,8 @@ export function uuidv7(nowMs: number = Date.now()): string {
   const hex = bytes.toString("hex");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
+
+/** UUIDs compare without regard to case (RFC 9562); ours are made and stored in lower case. */
+export function canonicalTaskId(taskId: string): string {
+  return taskId.toLowerCase();
+}

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { canonicalTaskId } from "../ids.js";
 import { boundedJsonObject, safeText, violationsOf } from "../tasks/task-validation.js";
 import type { Limits } from "../config/config.js";
 import { TASK_TYPES, type JsonObject, type TaskRecord, type TaskType } from "../tasks/task-types.js";
@@ -33,7 +34,10 @@ const agentIdSchema = z
   .string()
   .max(128, { message: "must be at most 128 characters" })
   .regex(/^[A-Za-z0-9._:-]*$/, { message: "may contain only letters, digits and . _ : -" });
-const taskId = z.string().uuid({ message: "must be a task UUID" });
+const taskId = z
+  .string()
+  .uuid({ message: "must be a task UUID" })
+  .transform((id) => canonicalTaskId(id));
 // int32 on the wire (gRPC) and in the database; /ws JSON could send more.
 const attempt = z.number().int().min(0).max(2_147_483_647).optional();
 

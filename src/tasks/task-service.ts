@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { uuidv7 } from "../ids.js";
+import { canonicalTaskId, uuidv7 } from "../ids.js";
 import type { Logger } from "../telemetry/logger.js";
 import type { HandOff } from "../agents/dispatcher.js";
 import type { PriorityQueue } from "../queue/priority-queue.js";
@@ -198,7 +198,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
       return task;
     },
 
-    get: getOrThrow,
+    get: (taskId: string) => getOrThrow(canonicalTaskId(taskId)),
 
     /** Newest first, keyset-paged. */
     async list(query: ListTasksQuery): Promise<{ tasks: TaskRecord[]; nextPageToken: string }> {
@@ -217,6 +217,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
      * agent registry) tell the holding agent and free its slot.
      */
     async cancel(taskId: string, ctx: RequestContext): Promise<TaskRecord> {
+      taskId = canonicalTaskId(taskId);
       const before = await getOrThrow(taskId);
       if (isTerminal(before.status)) {
         throw failedPrecondition(`task ${taskId} is already ${before.status} and cannot be cancelled`);
@@ -238,6 +239,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
 
     /** Puts a FAILED task back in the queue with a fresh set of attempts. */
     async retry(taskId: string, ctx: RequestContext): Promise<TaskRecord> {
+      taskId = canonicalTaskId(taskId);
       if (!accepting()) throw unavailable("the service is shutting down; send the request to another instance");
       const before = await getOrThrow(taskId);
       const task = before.status === "failed" ? await tasks.retry(taskId, clock(), ctx.correlationId).catch((e: unknown) => Promise.reject(toConnectError(e))) : null;
@@ -258,6 +260,7 @@ export function createTaskService({ tasks, queue, events, validate, idempotencyT
      * between the read and the subscription can be missed.
      */
     async *watch(taskId: string, signal: AbortSignal): AsyncGenerator<TaskRecord> {
+      taskId = canonicalTaskId(taskId);
       // A change carries the task as committed (whole from this instance, less
       // its fixed fields from another), so every state is seen. One without a
       // state is re-read from the database, and so is a remote one stamped

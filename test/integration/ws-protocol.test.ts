@@ -281,6 +281,16 @@ describe.each(BACKENDS)("/ws protocol on $name", ({ name, available }) => {
     expect(await getTask(s, id)).toEqual(first);
   });
 
+  it.skipIf(!available)("a task id in upper case names the same task (UUIDs ignore case)", async () => {
+    const r = await raw();
+    await r.register({ capabilities: ["qa"] });
+    const id = await postTask(s, { task_type: "qa", description: "shouted back" });
+    await r.frame(2, "assignment");
+    expect(await r.roundTrip({ type: "task_complete", task_id: id.toUpperCase(), result: { ok: true } })).toEqual({ type: "completion_ack", task_id: id });
+    expect(await getTask(s, id)).toMatchObject({ status: "completed", result: { ok: true } });
+    expect((await (await fetch(`${s.baseUrl}/tasks/${id.toUpperCase()}`)).json()) as object).toMatchObject({ task_id: id, status: "completed" });
+  });
+
   it.skipIf(!available)("task_failed records the failure with the error text", async () => {
     const r = await raw();
     await r.register({ capabilities: ["analysis"] });
