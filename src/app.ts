@@ -25,7 +25,7 @@ import { LatencyWindow } from "./metrics/latency-window.js";
 import { createMetricsService } from "./metrics/metrics-service.js";
 import { createSinglePortServer, type SinglePortServer } from "./transport/single-port.js";
 import { dropUnusableDeadline } from "./transport/deadlines.js";
-import { connectRoutes, errorInterceptor, handlerErrorMapper, requestContextKey, rpcServices } from "./transport/connect/routes.js";
+import { connectRoutes, errorInterceptor, handlerErrorMapper, requestContextKey, rpcServices, undecodableConnectGet } from "./transport/connect/routes.js";
 import { createGrpcHost } from "./transport/grpc/grpc-host.js";
 import { createHealthService } from "./transport/connect/health-service.js";
 import { restRoutes, sendError } from "./transport/rest/routes.js";
@@ -218,11 +218,18 @@ export async function buildApp(deps: AppDeps): Promise<App> {
       return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
     },
   });
+  // Before any route is registered: a plugin's routes keep the error handler
+  // of the moment they were added, and Fastify's own refusals on the RPC
+  // paths (an unsupported media type, a body over the limit) should answer
+  // in the same shape as everywhere else.
+  fastify.setErrorHandler((e, _req, reply) => sendError(reply, e));
   // Echo the correlation ID on every response, whatever the protocol.
   fastify.addHook("onRequest", async (req, reply) => {
     reply.raw.setHeader(CORRELATION_HEADER, String(req.id));
     // HTTP/2 streams had this done when they were routed (single-port.ts).
     if (req.raw.httpVersionMajor === 1) dropUnusableDeadline(req.raw.headers);
+    const refused = undecodableConnectGet(req.method, req.routeOptions.url, req.query);
+    if (refused) return reply.code(refused.status).header("content-type", "application/json").send(refused.body);
   });
 
   let forceTimer: NodeJS.Timeout | undefined;

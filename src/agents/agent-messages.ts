@@ -46,8 +46,8 @@ function agentMessageSchema(limits: Limits) {
     z.object({
       type: z.literal("register"),
       agentId: agentIdSchema.optional(),
-      agentName: safeText().max(100).optional(),
-      agentType: safeText().max(50).optional(),
+      agentName: safeText().max(100, { message: "must be at most 100 characters" }).optional(),
+      agentType: safeText().max(50, { message: "must be at most 50 characters" }).optional(),
       capabilities: z.array(z.enum(TASK_TYPES, { message: `must be one of: ${TASK_TYPES.join(", ")}` })).max(TASK_TYPES.length * 2).optional(),
       maxConcurrency: z.number().int().min(0).max(MAX_CONCURRENCY_LIMIT).optional(),
     }),
@@ -61,7 +61,7 @@ function agentMessageSchema(limits: Limits) {
     z.object({
       type: z.literal("task_failed"),
       taskId,
-      error: safeText().max(10_000).default(""),
+      error: safeText().max(10_000, { message: "must be at most 10000 characters" }).default(""),
       retryable: z.boolean().optional(),
       attempt,
     }),

@@ -94,6 +94,18 @@ function isUniqueViolation(e: unknown): boolean {
 }
 
 /**
+ * The INTERNAL errors `toConnectError` made of an exception it did not know:
+ * a defect or a database fault, never the client's doing. A service converts
+ * some before they leave it, so the handlers' error mapper cannot tell them
+ * by their class.
+ */
+const unexpected = new WeakSet<ConnectError>();
+
+export function isUnexpected(e: ConnectError): boolean {
+  return unexpected.has(e);
+}
+
+/**
  * The one place infrastructure exceptions become API errors. Anything
  * unrecognised becomes INTERNAL with a fixed message: the cause is logged by
  * the caller, never sent.
@@ -103,5 +115,7 @@ export function toConnectError(e: unknown): ConnectError {
   if (isUnavailable(e)) return unavailable("a backing service is unavailable; retry later", e);
   if (isDatabaseBusy(e)) return unavailable("the database is busy (a lock or statement timed out); retry later", e);
   if (isUniqueViolation(e)) return new ConnectError("already exists", Code.AlreadyExists, undefined, undefined, e);
-  return new ConnectError("internal error", Code.Internal, undefined, undefined, e);
+  const internal = new ConnectError("internal error", Code.Internal, undefined, undefined, e);
+  unexpected.add(internal);
+  return internal;
 }

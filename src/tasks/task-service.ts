@@ -68,13 +68,17 @@ function requestHash(v: ValidCreateTask): string {
 const keyConflict = (key: string) =>
   new ConnectError(`idempotency key "${key}" was already used for a different request`, Code.AlreadyExists);
 
+const LAST_PAGE_TOKEN_TIME = Date.UTC(9999, 11, 31, 23, 59, 59, 999);
+
 function decodePageToken(token: string): { createdAt: Date; taskId: string } {
   const [ms, taskId] = Buffer.from(token, "base64url").toString().split(":");
-  const when = Number(ms);
-  if (!taskId || !UUID.test(taskId) || !Number.isSafeInteger(when)) {
+  const createdAt = new Date(Number(ms));
+  // Up to the year 9999, which both databases store: a token decoding to a
+  // date beyond would otherwise reach the database as NaN or be refused by it.
+  if (!taskId || !UUID.test(taskId) || !/^\d+$/.test(ms ?? "") || !(createdAt.getTime() <= LAST_PAGE_TOKEN_TIME)) {
     throw invalidArgument(["query", "page_token"], "is not a token returned by a previous call");
   }
-  return { createdAt: new Date(when), taskId };
+  return { createdAt, taskId };
 }
 
 export type TaskService = ReturnType<typeof createTaskService>;

@@ -28,8 +28,12 @@ export function textProblem(value: string): string | null {
   return null;
 }
 
-/** Text that round-trips through both databases unchanged. */
-export const safeText = () => z.string({ message: "must be a string" }).refine((v) => textProblem(v) === null, { message: "must be valid Unicode text without NUL characters" });
+/**
+ * Text that round-trips through both databases unchanged. Its message is
+ * for a value that is not a string only: a schema-wide message would also
+ * replace those of the length checks added to it.
+ */
+export const safeText = () => z.string({ error: (issue) => (issue.code === "invalid_type" ? "must be a string" : undefined) }).refine((v) => textProblem(v) === null, { message: "must be valid Unicode text without NUL characters" });
 
 /**
  * The first reason a JSON value cannot be stored faithfully within

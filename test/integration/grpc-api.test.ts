@@ -12,12 +12,12 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { TaskService } from "../../gen/aaos/v1/task_service_pb.js";
+import { GetTaskRequestSchema, GetTaskResponseSchema, TaskService } from "../../gen/aaos/v1/task_service_pb.js";
 import { AgentService } from "../../gen/aaos/v1/agent_service_pb.js";
 import { TaskStatus, TaskType } from "../../gen/aaos/v1/task_pb.js";
-import { BACKENDS, eventually, startServer, type TestServer } from "../support/server.js";
+import { BACKENDS, byHand, eventually, startServer, type TestServer } from "../support/server.js";
 import { GrpcAgent, fromStruct, grpcClient, toStruct, unary, type TestAgent } from "../support/clients.js";
 import { frame, rawRequest } from "../support/raw-http2.js";
 
@@ -128,9 +128,17 @@ describe.each(BACKENDS)("TaskService and AgentService over grpc-js on $name", ({
     expect(token).toBe("");
     expect(seen).toEqual([...made].reverse());
 
-    const bad = await grpcError(unary(tasks, "ListTasks", { page_size: 2, page_token: "garbage!!" }));
-    expect(bad.code).toBe(grpc.status.INVALID_ARGUMENT);
-    expect(bad.details).toContain("page_token");
+    // Garbage, and well-formed tokens whose time no task could have been created at.
+    const zeroId = "00000000-0000-0000-0000-000000000000";
+    const tokenAt = (ms: string) => Buffer.from(`${ms}:${zeroId}`).toString("base64url");
+    for (const pageToken of ["garbage!!", ...["9007199254740991", "8640000000000001", "8640000000000000", "253402300800000", "-1", "1.5"].map(tokenAt)]) {
+      const bad = await grpcError(unary(tasks, "ListTasks", { page_size: 2, page_token: pageToken }));
+      expect(bad.code, pageToken).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(bad.details).toContain("page_token");
+    }
+    // The last moment of the year 9999 is a token's latest: the page before it is every task.
+    const farthest = await unary(tasks, "ListTasks", { page_size: 1000, page_token: tokenAt(String(Date.UTC(9999, 11, 31, 23, 59, 59, 999))), task_type: "TASK_TYPE_TRADING" });
+    expect(farthest.tasks.map((t: any) => t.task_id)).toEqual([...made].reverse());
 
     await unary(tasks, "CancelTask", { task_id: made[0] });
     const cancelled = await unary(tasks, "ListTasks", { status: "TASK_STATUS_CANCELLED", task_type: "TASK_TYPE_TRADING" });
@@ -240,6 +248,27 @@ describe("the same API over Connect, gRPC-Web and raw HTTP (embedded)", () => {
     ["gRPC-Web over HTTP/1.1", () => createGrpcWebTransport({ baseUrl: s.baseUrl, httpVersion: "1.1" })],
     ["gRPC-Web over HTTP/2", () => createGrpcWebTransport({ baseUrl: s.baseUrl, httpVersion: "2" })],
   ];
+
+  it("a media type no RPC protocol uses is refused in the service's error shape, with the correlation ID", async () => {
+    const res = await fetch(`${s.baseUrl}/aaos.v1.TaskService/GetTask`, { method: "POST", headers: { "content-type": "application/xml", "x-correlation-id": "xml-1" }, body: "<a/>" });
+    expect(res.status).toBe(415);
+    expect(res.headers.get("x-correlation-id")).toBe("xml-1");
+    expect(await res.json()).toEqual({ detail: expect.any(String), code: "invalid_argument" });
+  });
+
+  it("a Connect GET is answered from its query; one whose message is not base64 is INVALID_ARGUMENT, not a 500", async () => {
+    const tc = createClient(TaskService, createConnectTransport({ baseUrl: s.baseUrl, httpVersion: "1.1" }));
+    const { task } = await tc.createTask({ taskType: TaskType.QA, description: "read me by GET" });
+    const message = Buffer.from(toBinary(GetTaskRequestSchema, create(GetTaskRequestSchema, { taskId: task!.taskId }))).toString("base64url");
+    const ok = await fetch(`${s.baseUrl}/aaos.v1.TaskService/GetTask?connect=v1&encoding=proto&base64=1&message=${message}`);
+    expect(ok.status).toBe(200);
+    expect(fromBinary(GetTaskResponseSchema, new Uint8Array(await ok.arrayBuffer())).task?.taskId).toBe(task!.taskId);
+    for (const garbage of ["!!!", "a%20b", "%00"]) {
+      const bad = await fetch(`${s.baseUrl}/aaos.v1.TaskService/GetTask?connect=v1&encoding=proto&base64=1&message=${garbage}`);
+      expect(bad.status, garbage).toBe(400);
+      expect(await bad.json()).toMatchObject({ code: "invalid_argument" });
+    }
+  });
 
   it.each(transports)("%s: create, get, list, watch, cancel and errors", async (_label, make) => {
     const transport = make();
@@ -507,6 +536,28 @@ describe("grpc.health.v1 and server reflection over the wire (embedded)", () => 
     } finally {
       call.end();
       client.close();
+    }
+  });
+});
+
+describe("a database fault (embedded)", () => {
+  it("is INTERNAL to the caller, without its cause, and an error in the log", async () => {
+    const s = await startServer("embedded");
+    const tasks = grpcClient("TaskService", s.port);
+    try {
+      const { task } = await unary(tasks, "CreateTask", { task_type: "TASK_TYPE_CODE", description: "read me back" });
+      await byHand(s, "alter table tasks rename to tasks_gone");
+      const e = await grpcError(unary(tasks, "GetTask", { task_id: task.task_id }));
+      expect(e.code).toBe(grpc.status.INTERNAL);
+      expect(e.details).toBe("internal error");
+      const line = await eventually(() => s.logs.lines.find((l) => l.msg === "request failed"), 5000, "the logged failure");
+      expect(line.level).toBe("error");
+      expect(String((line.err as { message?: unknown }).message)).toContain("no such table");
+      expect(s.logs.lines.filter((l) => l.msg === "request refused by the protocol layer")).toEqual([]);
+      await byHand(s, "alter table tasks_gone rename to tasks");
+    } finally {
+      tasks.close();
+      await s.close();
     }
   });
 });

@@ -187,6 +187,24 @@ describe.each(BACKENDS)("REST contract on $name", ({ name, available }) => {
     expect(many.body.detail.map((v: { loc: string[] }) => v.loc.join("."))).toEqual(expect.arrayContaining(["body.task_type", "body.description", "body.priority"]));
   });
 
+  it.skipIf(!available)("GET /tasks and /agents: 422 naming the query parameter that was sent wrong, not as missing", async () => {
+    const cases: Array<[string, string]> = [
+      ["/tasks?limit=-1", "limit"],
+      ["/tasks?limit=1e309", "limit"],
+      ["/tasks?limit=ten", "limit"],
+      ["/tasks?status=PENDING", "status"],
+      ["/tasks?task_type=cooking", "task_type"],
+      ["/agents?include_disconnected=1", "include_disconnected"],
+    ];
+    for (const [path, param] of cases) {
+      const res = await get(s, path);
+      expect422(res, ["query", param]);
+      const [violation] = (res.body as { detail: Array<{ msg: string; type: string }> }).detail;
+      expect(violation!.type, path).not.toBe("missing");
+      expect(violation!.msg, path).not.toBe("Field required");
+    }
+  });
+
   it.skipIf(!available)("POST /tasks: metadata over 64 KiB is refused with 422 (server with a large body limit)", async () => {
     const big = await startServer("embedded");
     try {

@@ -119,6 +119,20 @@ describe("agent message validation", () => {
     expect(parseAgentMessage({ type: "task_complete", taskId: "nope", result: {} })).toMatchObject({ ok: false });
     expect(parseAgentMessage({ type: "heartbeat" })).toEqual({ ok: true, message: { type: "heartbeat" } });
   });
+
+  it("says a text is too long when it is, and not a string only when it is not one", () => {
+    const taskId = "00000000-0000-4000-8000-000000000000";
+    const reasons = [
+      parseAgentMessage({ type: "register", agentName: "n".repeat(101), agentType: "t".repeat(51) }),
+      parseAgentMessage({ type: "task_failed", taskId, error: "e".repeat(10_001) }),
+      parseAgentMessage({ type: "task_failed", taskId, error: 42 }),
+    ].map((r) => (r.ok ? "accepted" : r.reason));
+    expect(reasons[0]).toMatch(/agent_name: must be at most 100 characters/);
+    expect(reasons[0]).toMatch(/agent_type: must be at most 50 characters/);
+    expect(reasons[1]).toMatch(/error: must be at most 10000 characters/);
+    expect(reasons[2]).toMatch(/error: must be a string/);
+    expect(violations({ taskType: "code", description: "x".repeat(2001) })).toEqual([expect.objectContaining({ msg: "must be at most 2000 characters" })]);
+  });
 });
 
 describe("error vocabulary", () => {

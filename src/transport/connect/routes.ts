@@ -10,7 +10,7 @@ import type { Logger } from "../../telemetry/logger.js";
 import type { RequestContext } from "../../tasks/task-service.js";
 import { isTerminal } from "../../tasks/task-state.js";
 import type { TaskStatus } from "../../tasks/task-types.js";
-import { invalidArgument, toConnectError, unimplemented } from "../../errors/errors.js";
+import { invalidArgument, isUnexpected, toConnectError, unimplemented } from "../../errors/errors.js";
 import type { AppServices } from "../services.js";
 import { Channel } from "../channel.js";
 import { agentToPb, metricsToPb, taskStatusFromPb, taskToPb, taskTypeFilterFromPb, taskTypeFromPb, unknownTaskTypeMessage } from "./mappers.js";
@@ -33,9 +33,9 @@ function requestContext(ctx: HandlerContext, fallback: Logger): RequestContext {
 export function handlerErrorMapper(log: Logger): (e: unknown) => ConnectError {
   return (e) => {
     const err = toConnectError(e);
-    // A ConnectError was raised on purpose (by us, or by the protocol layer
-    // for bytes that do not decode); only other exceptions are our defects.
-    if (!(e instanceof ConnectError) && (err.code === Code.Internal || err.code === Code.Unknown)) log.error({ err: e }, "request failed");
+    // Other ConnectErrors were raised on purpose (by us, or by the protocol
+    // layer for bytes that do not decode); only these are our defects or faults.
+    if (isUnexpected(err)) log.error({ err: err.cause ?? e }, "request failed");
     else if (err.code === Code.Internal) log.info({ err: e }, "request refused by the protocol layer");
     return err;
   };
@@ -186,6 +186,25 @@ export function rpcServices({ services, log, reflectionFiles, health, shutdown }
     rpc(ReflectionV1, reflection.v1),
     rpc(ReflectionV1alpha, reflection.v1alpha),
   ];
+}
+
+/** An RPC's path, `/<package>.<Service>/<Method>`, as Connect serves it. */
+const RPC_PATH = /^\/[\w.]+\.\w+\/\w+$/;
+/** Both base64 alphabets, as Connect's decoder takes them, with optional padding. */
+const BASE64 = /^[A-Za-z0-9+/_-]*={0,2}$/;
+
+/**
+ * A Connect GET (an RPC with no side effects, its message in the query)
+ * whose `message` is not base64 although `base64=1` says it is. connect-es
+ * decodes it before any interceptor runs and answers the failure as INTERNAL
+ * (HTTP 500) without a trace; it is the client's fault, so it is answered
+ * first, as INVALID_ARGUMENT in Connect's error shape.
+ */
+export function undecodableConnectGet(method: string, routePath: string | undefined, query: unknown): { status: number; body: { code: string; message: string } } | undefined {
+  if (method !== "GET" || !routePath || !RPC_PATH.test(routePath)) return undefined;
+  const { base64, message } = query as Record<string, unknown>;
+  if (base64 !== "1" || typeof message !== "string" || BASE64.test(message)) return undefined;
+  return { status: 400, body: { code: "invalid_argument", message: "the message query parameter is not base64" } };
 }
 
 /** Registers every RPC service on a Connect router. */

@@ -53,13 +53,12 @@ export function sendError(reply: FastifyReply, e: unknown): FastifyReply {
 
 function parseQuery<T>(schema: z.ZodType<T>, query: unknown): T {
   const parsed = schema.safeParse(query);
-  if (!parsed.success) throw new ValidationError(violationsOf(parsed.error, "query"));
+  if (!parsed.success) throw new ValidationError(violationsOf(parsed.error, "query", query));
   return parsed.data;
 }
 
 /** The legacy JSON REST contract (DESIGN.md §4). Translation only. */
 export function restRoutes(app: FastifyInstance, services: AppServices, version: string): void {
-  app.setErrorHandler((e, _req, reply) => sendError(reply, e));
   app.setNotFoundHandler((_req, reply) => reply.code(404).send({ detail: "Not Found", code: "not_found" }));
 
   app.get("/health", async (_req, reply) => {
