@@ -9,11 +9,7 @@ import type { AgentSession } from "./agent-session.js";
 /** Most tasks one session claims per round: bounds a queue call and a batch of lease writes. */
 const MAX_CLAIM = 64;
 
-/**
- * Most sessions a create looks at for a free slot, so its cost stays flat
- * with 10,000 busy agents. The first create after an agent comes or goes
- * also walks to where the last scan stopped (see `cursor`): once per change.
- */
+/** Most sessions a create looks at for a free slot, so its cost stays flat with 10,000 busy agents. */
 const HAND_OFF_SCAN = 64;
 
 /**
@@ -97,14 +93,17 @@ export class Dispatcher {
    */
   private readonly claimingFor = new Set<AgentSession>();
   /**
-   * The hand-off scan's place in `sessions`, so agents take turns. Dropped
-   * whenever a session comes or goes: a live Map iterator keeps every table
-   * the map has outgrown, and every session in them, until it moves on, and
-   * an instance that hosts agents but takes no creates never moves it.
+   * The sessions in the order the hand-off scan visits them, so agents take
+   * turns; `scanAt` is the next to look at. An array rather than an
+   * iterator over `sessions`: a live Map iterator keeps every table the map
+   * has outgrown, and every session in them, until it moves on, and an
+   * instance that hosts agents but takes no creates never moves it. A
+   * session that goes is replaced by the last one, so coming and going
+   * costs O(1) however many agents there are.
    */
-  private cursor: Iterator<AgentSession> | undefined;
-  /** The agent the scan looked at last, where a new cursor resumes. */
-  private scannedLast: string | undefined;
+  private readonly ring: AgentSession[] = [];
+  private readonly ringIndex = new Map<AgentSession, number>();
+  private scanAt = 0;
 
   constructor(private readonly o: DispatcherOptions) {
     this.unsubscribe = [
@@ -130,13 +129,18 @@ export class Dispatcher {
 
   attach(session: AgentSession): void {
     const previous = this.sessions.get(session.agentId);
-    this.sessions.set(session.agentId, session);
-    this.cursor = undefined;
-    if (previous && previous !== session) {
-      // The same agent id connected again: the newest stream wins and the
-      // old one's leases go back to the queue.
-      this.o.log.warn({ agent_id: session.agentId }, "agent reconnected; closing its previous session");
-      void previous.close("replaced by a new session");
+    if (previous !== session) {
+      this.sessions.set(session.agentId, session);
+      if (!previous) {
+        this.ringIndex.set(session, this.ring.length);
+        this.ring.push(session);
+      } else {
+        this.replaceInRing(previous, session);
+        // The same agent id connected again: the newest stream wins and the
+        // old one's leases go back to the queue.
+        this.o.log.warn({ agent_id: session.agentId }, "agent reconnected; closing its previous session");
+        void previous.close("replaced by a new session");
+      }
     }
     this.kick();
   }
@@ -144,7 +148,16 @@ export class Dispatcher {
   detach(session: AgentSession): void {
     if (this.sessions.get(session.agentId) !== session) return;
     this.sessions.delete(session.agentId);
-    this.cursor = undefined;
+    const last = this.ring.pop()!;
+    if (last !== session) this.replaceInRing(session, last);
+    else this.ringIndex.delete(session);
+  }
+
+  private replaceInRing(gone: AgentSession, by: AgentSession): void {
+    const at = this.ringIndex.get(gone)!;
+    this.ringIndex.delete(gone);
+    this.ring[at] = by;
+    this.ringIndex.set(by, at);
   }
 
   private readonly slotListeners = new Set<() => void>();
@@ -179,20 +192,9 @@ export class Dispatcher {
   }
 
   private nextToScan(): AgentSession | undefined {
-    if (!this.cursor) {
-      this.cursor = this.sessions.values();
-      if (this.scannedLast !== undefined && this.sessions.has(this.scannedLast)) {
-        for (let at = this.cursor.next(); !at.done && at.value.agentId !== this.scannedLast; at = this.cursor.next());
-      }
-    }
-    let next = this.cursor.next();
-    if (next.done) {
-      this.cursor = this.sessions.values();
-      next = this.cursor.next();
-      if (next.done) return undefined;
-    }
-    this.scannedLast = next.value.agentId;
-    return next.value;
+    if (this.ring.length === 0) return undefined;
+    if (this.scanAt >= this.ring.length) this.scanAt = 0;
+    return this.ring[this.scanAt++];
   }
 
   private handOffTo(session: AgentSession): HandOff {

@@ -307,3 +307,35 @@ describe("agent sessions that end", () => {
     expect(held).toBe(0);
   });
 });
+
+describe("tasks handed straight from their create", () => {
+  it("go to idle agents in turn, also after agents come and go", async () => {
+    const s = await start("embedded");
+    const connect = (agentId: string) => WsAgent.connect(s.port, { agentId, capabilities: ["code"], maxConcurrency: 10 });
+    const present = new Map<string, WsAgent>();
+    for (const id of ["a", "b", "c"]) present.set(id, track(await connect(id)));
+    /** Creates `n` tasks one after another; the agent each was handed to at its create. */
+    const createEach = async (n: number) => {
+      const to: string[] = [];
+      for (let i = 0; i < n; i++) {
+        const id = await postTask(s, { task_type: "code", description: `turn ${i}` });
+        await eventually(() => [...present.values()].some((a) => a.assignments.some((t) => t.taskId === id)), 5000, "the task assigned");
+        const task = (await s.persistence.tasks.get(id))!;
+        // Leased in the create's own commit: handed over, not claimed from the queue.
+        expect(task.assignedAt).toEqual(task.createdAt);
+        to.push(task.agentId!);
+      }
+      return to;
+    };
+    const count = (to: string[]) => Object.fromEntries([...new Set(to)].sort().map((id) => [id, to.filter((x) => x === id).length]));
+    // Nothing queued for code yet: the agents' first claims find the type dry, and hand-offs begin.
+    await eventually(async () => (await createEach(1)).length === 1, 5000, "a first hand-off");
+    expect(count(await createEach(6))).toEqual({ a: 2, b: 2, c: 2 });
+    // One goes, two come: every agent present still takes its turn.
+    await present.get("b")!.end();
+    present.delete("b");
+    await eventually(() => s.app.dispatcher.list().length === 2, 5000, "b's session closed");
+    for (const id of ["d", "e"]) present.set(id, track(await connect(id)));
+    expect(count(await createEach(8))).toEqual({ a: 2, c: 2, d: 2, e: 2 });
+  });
+});
