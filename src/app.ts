@@ -203,6 +203,10 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     log,
   });
 
+  // RPCs whose request is a stream of messages for as long as the call lasts: no deadline on their body.
+  const streamingRequests = new Set(
+    rpc.flatMap(({ service }) => service.methods.filter((m) => m.methodKind === "client_streaming" || m.methodKind === "bidi_streaming").map((m) => `/${service.typeName}/${m.name}`)),
+  );
   let ports: SinglePortServer | undefined;
   const fastify = Fastify({
     loggerInstance: log as FastifyBaseLogger,
@@ -214,7 +218,14 @@ export async function buildApp(deps: AppDeps): Promise<App> {
     // Router-level refusals (over-long ids, malformed URLs) in our error shape too.
     frameworkErrors: (e, _req, reply) => void sendError(reply, e),
     serverFactory: (handler) => {
-      ports = createSinglePortServer(handler, { sniffTimeoutMs: config.sniffTimeoutMs, http2IdleTimeoutMs: config.http2IdleTimeoutMs, log, grpc });
+      ports = createSinglePortServer(handler, {
+        sniffTimeoutMs: config.sniffTimeoutMs,
+        http2IdleTimeoutMs: config.http2IdleTimeoutMs,
+        http2BodyTimeoutMs: config.http2BodyTimeoutMs,
+        streamingRequests,
+        log,
+        grpc,
+      });
       return ports.server as unknown as ReturnType<typeof import("node:http").createServer>;
     },
   });

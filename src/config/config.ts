@@ -36,6 +36,8 @@ const ConfigSchema = z
     SNIFF_TIMEOUT_MS: timerMs(10_000),
     /** How long an HTTP/2 connection may stay open with no stream on it. */
     HTTP2_IDLE_TIMEOUT_MS: timerMs(5 * 60_000),
+    /** How long an HTTP/2 request may take to send its whole body, as Node's requestTimeout bounds HTTP/1.1; an agent's Session is exempt. */
+    HTTP2_BODY_TIMEOUT_MS: timerMs(5 * 60_000),
     /** How long a held task's lease lasts; renewed while its agent's session is alive. Default: HEARTBEAT_TIMEOUT_MS. */
     LEASE_TTL_MS: z.coerce.number().int().positive().optional(),
     /** How often expired leases, execution timeouts and due retries are looked for. */
@@ -106,6 +108,7 @@ export interface Config {
   readonly heartbeatTimeoutMs: number;
   readonly sniffTimeoutMs: number;
   readonly http2IdleTimeoutMs: number;
+  readonly http2BodyTimeoutMs: number;
   readonly shutdownGraceMs: number;
   readonly maxMessageBytes: number;
   readonly dbLockTimeoutMs: number;
@@ -167,6 +170,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     heartbeatTimeoutMs: c.HEARTBEAT_TIMEOUT_MS,
     sniffTimeoutMs: c.SNIFF_TIMEOUT_MS,
     http2IdleTimeoutMs: c.HTTP2_IDLE_TIMEOUT_MS,
+    http2BodyTimeoutMs: c.HTTP2_BODY_TIMEOUT_MS,
     shutdownGraceMs: c.SHUTDOWN_GRACE_MS,
     maxMessageBytes: c.MAX_MESSAGE_BYTES,
     dbLockTimeoutMs: c.DB_LOCK_TIMEOUT_MS,

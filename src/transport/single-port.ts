@@ -27,13 +27,17 @@ export interface SinglePortServer {
  * `http2IdleTimeoutMs` is closed (GOAWAY): a client may hold connections
  * for reuse, but not keep sockets for ever by opening them and going quiet.
  * A long-lived stream (an agent's session, a watch) keeps its connection.
+ * A request whose body is not finished within `http2BodyTimeoutMs` is
+ * cancelled (RST_STREAM), as Node's requestTimeout ends a slow HTTP/1.1
+ * request; only the RPCs in `streamingRequests` (an agent's Session),
+ * whose request lasts as long as the call, are exempt.
  *
  * On HTTP/2, each stream goes its own way: gRPC calls to `grpc` when it
  * serves them, everything else to the handler (Fastify, Connect).
  */
 export function createSinglePortServer(
   handler: http.RequestListener,
-  options: { sniffTimeoutMs: number; http2IdleTimeoutMs: number; log: Logger; grpc?: GrpcHost },
+  options: { sniffTimeoutMs: number; http2IdleTimeoutMs: number; http2BodyTimeoutMs: number; streamingRequests: ReadonlySet<string>; log: Logger; grpc?: GrpcHost },
 ): SinglePortServer {
   const h1 = http.createServer(handler);
   const h2Handler = handler as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void;
@@ -47,9 +51,21 @@ export function createSinglePortServer(
   const grpc = options.grpc;
   h2.on("stream", (stream, headers, flags, rawHeaders) => {
     dropUnusableDeadline(headers);
+    const path = headers[":path"] ?? "";
+    if (!options.streamingRequests.has(path)) bodyDeadline(stream, path);
     if (grpc?.accepts(headers)) grpc.serve(stream, headers);
     else compat.emit("stream", stream, headers, flags, rawHeaders);
   });
+  const bodyDeadline = (stream: http2.ServerHttp2Stream, path: string) => {
+    const timer = setTimeout(() => {
+      // A request whose body has all arrived is left alone, however long its handler or response takes.
+      if (stream.closed || stream.destroyed || stream.state.remoteClose) return;
+      options.log.debug({ path }, "http/2 request body not finished in time; stream cancelled");
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+    }, options.http2BodyTimeoutMs);
+    timer.unref();
+    stream.once("close", () => clearTimeout(timer));
+  };
   const sockets = new Set<net.Socket>();
   const sessions = new Set<http2.Http2Session>();
   h2.on("session", (s) => {

@@ -154,6 +154,55 @@ describe("single port: sniffing HTTP/2 and HTTP/1.1", () => {
     hc.close();
   });
 
+  it("an HTTP/2 request whose body is not finished within HTTP2_BODY_TIMEOUT_MS is cancelled; an agent's Session is not", async () => {
+    s = await startServer("embedded", { env: { HTTP2_BODY_TIMEOUT_MS: "300" } });
+    const session = http2.connect(s.baseUrl);
+    session.on("error", () => undefined);
+    try {
+      // Over gRPC (to grpc-js) and over Connect (to Fastify): half a message, then nothing.
+      const stalled = [
+        { ":path": "/aaos.v1.TaskService/ListTasks", "content-type": "application/grpc" },
+        { ":path": "/aaos.v1.TaskService/ListTasks", "content-type": "application/json" },
+      ].map((headers) => {
+        const req = session.request({ ":method": "POST", ...headers });
+        req.on("error", () => undefined);
+        req.write(headers["content-type"] === "application/json" ? "{" : Buffer.from([0, 0, 0, 0, 9, 8]));
+        const startedAt = Date.now();
+        return new Promise<{ rstCode: number; after: number }>((resolve) => req.on("close", () => resolve({ rstCode: req.rstCode, after: Date.now() - startedAt })));
+      });
+      for (const closed of await Promise.all(stalled)) {
+        expect(closed.rstCode).toBe(http2.constants.NGHTTP2_CANCEL);
+        expect(closed.after).toBeGreaterThanOrEqual(250);
+      }
+      // The connection goes on serving complete requests.
+      const res = await h2Request(session, "/aaos.v1.TaskService/ListTasks", "{}");
+      expect(res.status).toBe(200);
+    } finally {
+      session.close();
+    }
+    // An agent's Session sends messages for as long as it lasts; a watch's
+    // request is complete at once, and its answer goes on past the deadline.
+    const agent = await GrpcAgent.connect(s.port, { capabilities: ["code"] });
+    const tc = grpcClient("TaskService", s.port);
+    try {
+      const created = await fetch(`${s.baseUrl}/tasks`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ task_type: "code", description: "outlasts the body deadline" }) });
+      const id = ((await created.json()) as { task_id: string }).task_id;
+      await agent.waitForFrame("task_assignment");
+      const seen: string[] = [];
+      const watch = (tc as unknown as { WatchTask(r: object): grpc.ClientReadableStream<{ task: { status: string } }> }).WatchTask({ task_id: id });
+      watch.on("data", (m) => seen.push(m.task.status));
+      watch.on("error", () => undefined);
+      await eventually(() => seen.length > 0, 5000, "the watch's first state");
+      await new Promise((r) => setTimeout(r, 1000));
+      agent.complete(id, {});
+      await agent.waitForFrame("completion_ack");
+      await eventually(() => seen.includes("TASK_STATUS_COMPLETED"), 5000, "the watch saw the completion");
+    } finally {
+      agent.kill();
+      tc.close();
+    }
+  });
+
   it("garbage bytes get an HTTP/1.1 400 or a closed connection, and the server keeps serving both protocols", async () => {
     s = await startServer("embedded", { env: { SNIFF_TIMEOUT_MS: "200" } });
     for (const garbage of [Buffer.from([0x00, 0xff, 0x13, 0x37, 0x0d, 0x0a, 0x0d, 0x0a]), Buffer.from("PRI * HTTP/1.9\r\n\r\nXX\r\n\r\n"), Buffer.from("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")]) {
