@@ -3,6 +3,7 @@ import { Redis } from "ioredis";
 import { stateOf, TaskListeners, type TaskEvents, type TaskState } from "../tasks/task-events.js";
 import { isTaskStatus, type TaskRecord } from "../tasks/task-types.js";
 import type { QueueLog } from "./in-process-queue.js";
+import { subscribeOnEveryConnect } from "./redis-subscription.js";
 
 type DateKey = { [K in keyof TaskState]: TaskState[K] extends Date | null ? K : never }[keyof TaskState];
 /** Every date field of a task state; the type makes a new one impossible to miss. */
@@ -95,10 +96,8 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   const listeners = new TaskListeners();
   const common = { maxRetriesPerRequest: 0, enableOfflineQueue: false, retryStrategy: (n: number) => Math.min(100 * 2 ** Math.min(n, 5), 2000) };
   const pub = new Redis(options.url, { ...common, lazyConnect: false, enableAutoPipelining: true });
-  // The subscriber waits for Redis as long as it takes. It subscribes on
-  // every connect itself: ioredis's own re-subscribe leaves its reply
-  // unhandled, and a close before that reply would be an unhandled rejection.
-  const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, autoResubscribe: false, retryStrategy: common.retryStrategy });
+  // The subscriber waits for Redis as long as it takes.
+  const sub = new Redis(options.url, { enableOfflineQueue: true, maxRetriesPerRequest: null, retryStrategy: common.retryStrategy });
   let warnedAt = 0;
   const warn = (e: unknown, msg: string) => {
     if (Date.now() - warnedAt < 30_000) return;
@@ -114,11 +113,10 @@ export function createRedisTaskEvents(options: { url: string; prefix?: string; l
   };
   // What was published while there was no subscription (Redis away at
   // start-up, or a reconnect) can only be read from the database.
-  sub.on("ready", () => {
-    if (closing) return;
-    sub.subscribe(channel).then(missed, (e: unknown) => {
-      if (!closing) warn(e, "task event subscriber could not subscribe");
-    });
+  subscribeOnEveryConnect(sub, channel, {
+    closing: () => closing !== undefined,
+    subscribed: missed,
+    failed: (e) => warn(e, "task event subscriber could not subscribe"),
   });
   sub.on("message", (_channel: string, message: string) => {
     // Our own batches come back too; the origin prefix skips them unparsed.

@@ -8,6 +8,7 @@ import {
   type QueueLog,
 } from "./in-process-queue.js";
 import type { PriorityQueue, QueueDepth, QueueEntry } from "./priority-queue.js";
+import { subscribeOnEveryConnect } from "./redis-subscription.js";
 import { isTaskType, MAX_PRIORITY, MIN_PRIORITY, TASK_TYPES, type TaskType } from "../tasks/task-types.js";
 
 export interface RedisQueueOptions {
@@ -255,34 +256,25 @@ export function createRedisQueue(options: RedisQueueOptions): PriorityQueue {
   function subscribe(): void {
     if (subscriber) return;
     // The subscriber may wait for Redis as long as it takes (no command
-    // timeout, unlimited retries): nobody awaits it. It subscribes on every
-    // connect itself: ioredis's own re-subscribe leaves its reply unhandled,
-    // and a close before that reply would be an unhandled rejection.
+    // timeout, unlimited retries): nobody awaits it.
     const sub = client.duplicate({
       enableOfflineQueue: true,
       enableAutoPipelining: false,
       commandTimeout: undefined,
       maxRetriesPerRequest: null,
-      autoResubscribe: false,
       // The next connect subscribes anyway.
       autoResendUnfulfilledCommands: false,
     });
     subscriber = sub;
     watchConnection(sub, "subscriber", log, isClosing);
-    let readyCount = 0;
-    sub.on("ready", () => {
-      if (closing) return;
-      // Any ready after the first is a reconnect: signals may have been missed
-      // meanwhile. Announced once subscribed, so no signal falls in between.
-      const reconnect = ++readyCount > 1;
-      sub.subscribe(channel).then(
-        () => {
-          if (reconnect && !closing) for (const type of TASK_TYPES) notifyListeners(listeners, type, log);
-        },
-        (e: unknown) => {
-          if (!closing) log?.warn({ err: e, channel }, "redis queue could not subscribe");
-        },
-      );
+    subscribeOnEveryConnect(sub, channel, {
+      closing: isClosing,
+      // Signals may have been missed while the connection was down. Announced
+      // once subscribed again, so no signal falls in between.
+      subscribed: (reconnect) => {
+        if (reconnect) for (const type of TASK_TYPES) notifyListeners(listeners, type, log);
+      },
+      failed: (e) => log?.warn({ err: e, channel }, "redis queue could not subscribe"),
     });
     sub.on("message", (_channel: string, message: string) => {
       const [type, from] = message.split("|");
